@@ -1,0 +1,54 @@
+"""Run an attack over a whole array or dataset in batches, with a progress bar."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+
+def attack_batches(attack, x: np.ndarray, y: np.ndarray, eps, batch_size: int = 256, progress: bool = True,
+                   desc: str = "attack") -> np.ndarray:
+    """Adversarial copies of x (same order). `attack(x, y, eps)` is any medrobust attack; eps a scalar
+    or one value per image."""
+    eps = np.asarray(eps, np.float32)
+    out = np.empty_like(x, dtype=np.float32)
+    bar = tqdm(total=len(x), desc=desc, unit="img", disable=not progress, leave=False)
+    for start in range(0, len(x), batch_size):
+        stop = min(start + batch_size, len(x))
+        batch_eps = eps if eps.ndim == 0 else eps[start:stop]
+        out[start:stop] = attack(x[start:stop], y[start:stop], batch_eps).numpy()
+        bar.update(stop - start)
+    bar.close()
+    return out
+
+
+def predict_labels(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Predicted class of every image, through a compiled inference call (no Keras predict overhead)."""
+    call = _compiled_call(model)
+    return np.concatenate([
+        tf.argmax(call(tf.constant(x[i:i + batch_size])), axis=-1).numpy()
+        for i in range(0, len(x), batch_size)
+    ]) if len(x) else np.zeros(0, np.int64)
+
+
+def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    return float(np.mean(predict_labels(model, x, batch_size) == y))
+
+
+def robust_accuracy(model, attack, x: np.ndarray, y: np.ndarray, eps, batch_size: int = 256,
+                    progress: bool = True) -> float:
+    """Accuracy on attacked copies of x (clean misclassifications count as failures)."""
+    x_adv = attack_batches(attack, x, y, eps, batch_size, progress)
+    return accuracy(model, x_adv, y, batch_size)
+
+
+_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_call(model):
+    if model not in _CALLS:
+        _CALLS[model] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return _CALLS[model]

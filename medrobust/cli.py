@@ -1,0 +1,58 @@
+"""Shared command-line plumbing: option parsing and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of user output
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def parse_bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off"):
+        return False
+    raise UsageError(f"--{name} must be true or false, got {value!r}")
+
+
+def parse_floats(value, name: str) -> tuple[float, ...]:
+    """'0.001,0.003', (0.001, 0.003) (Fire parses commas into tuples) or 0.002 -> a tuple of floats."""
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    try:
+        out = tuple(float(v) for v in items if str(v).strip() != "")
+    except ValueError:
+        raise UsageError(f"--{name} must be numbers separated by commas, got {value!r}") from None
+    if not out:
+        raise UsageError(f"--{name} is empty")
+    return out
+
+
+def parse_names(value, name: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    out = tuple(str(v).strip().lower() for v in items if str(v).strip())
+    bad = [v for v in out if v not in allowed]
+    if bad or not out:
+        raise UsageError(f"--{name}: unknown {', '.join(bad) or 'empty value'}; choose from {', '.join(allowed)}")
+    return out
+
+
+def run(component) -> None:
+    """Run a Fire component; user errors become one line on stderr and exit status 2."""
+    import fire
+
+    try:
+        fire.Fire(component, serialize=lambda result: None)  # results go to files, not stdout
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
