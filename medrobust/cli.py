@@ -8,6 +8,27 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of user output
 
 
+def import_tensorflow():
+    """Import TensorFlow with its C++ start-up lines (CUDA probing, oneDNN notice) kept off stderr.
+
+    TF 2.21 prints them through absl before logging is initialised, so TF_CPP_MIN_LOG_LEVEL cannot
+    stop them; they would bury a one-line error. Python exceptions still surface as usual.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tensorflow
+
+
 class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit status 2."""
 

@@ -57,6 +57,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         data=str(data), out=str(out),
     )
     _check_numbers(options)
+    _check_data_argument(options["data"])
     out_dir = Path(options["out"])
     if _already_done(out_dir, options):
         print(f"{out_dir}: this run is already complete (metrics.json); pass --overwrite true to train again")
@@ -65,6 +66,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
 
 
 def _train(o: dict, out_dir: Path) -> dict:
+    cli.import_tensorflow()
     import keras
     import numpy as np
     import tensorflow as tf
@@ -210,6 +212,12 @@ def _check_numbers(o: dict) -> None:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
     if not 0 < o["target_fpr"] < 1:
         raise cli.UsageError(f"--target-fpr must be in (0, 1), got {o['target_fpr']}")
+
+
+def _check_data_argument(data: str) -> None:
+    """Fail before TensorFlow loads if the data argument cannot be right."""
+    if data not in ("auto", "phantom", "octmnist") and not Path(data).expanduser().exists():
+        raise cli.UsageError(f"--data {data}: no such file or folder (expected auto, phantom, octmnist, a .npz or a folder)")
 
 
 def main() -> None:

@@ -120,13 +120,19 @@ def _carve_val(x: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.1):
 
 
 def _split_by_patient(part, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """70/15/15 split of an unsplit folder with no patient in two splits (ids from Kermany file names)."""
+    which = patient_split(part.files, seed)
+    return {s: (part.x[which == s], part.y[which == s]) for s in SPLIT_NAMES}
+
+
+def patient_split(files: list[str], seed: int, fractions=(0.7, 0.15)) -> np.ndarray:
+    """train/val/test name per file, 70/15/15 by patient, so no patient is in two splits.
+
+    Patient ids come from Kermany file names (<CLASS>-<patient>-<n>); files without one are their own patient.
+    """
     from medrobust.data.folders import patient_id
 
-    groups = np.array([patient_id(os.path.basename(f)) or f for f in part.files])
-    rng = np.random.default_rng(seed)
-    patients = rng.permutation(np.unique(groups))
-    cut = np.cumsum([0.7, 0.15]) * len(patients)
+    groups = np.array([patient_id(os.path.basename(f)) or f for f in files])
+    patients = np.random.default_rng(seed).permutation(np.unique(groups))
+    cut = np.cumsum(fractions) * len(patients)
     split_of = {p: ("train" if i < cut[0] else "val" if i < cut[1] else "test") for i, p in enumerate(patients)}
-    which = np.array([split_of[g] for g in groups])
-    return {s: (part.x[which == s], part.y[which == s]) for s in SPLIT_NAMES}
+    return np.array([split_of[g] for g in groups])

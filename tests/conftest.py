@@ -1,0 +1,50 @@
+"""Shared test set-up: real-data location, quiet TensorFlow, and a 'figures' section in the summary.
+
+Tests that measure something users should see (e.g. phantom-trained accuracy on real scans) call
+the `report` fixture; the lines are printed at the end of the run, so CI logs carry the figures.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("MEDROBUST_DATA", str(SHARED_DATA))
+
+_FIGURES: list[str] = []
+
+
+def real_scans_dir() -> Path | None:
+    """$MEDROBUST_DATA/oct2017_subset (the 90 real Kermany B-scans), or None if absent."""
+    root = os.environ.get("MEDROBUST_DATA")
+    path = Path(root) / "oct2017_subset" if root else SHARED_DATA / "oct2017_subset"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def real_scans() -> Path:
+    path = real_scans_dir()
+    if path is None:
+        pytest.skip("real OCT2017 scans not found (set MEDROBUST_DATA to the folder holding oct2017_subset/)")
+    return path
+
+
+@pytest.fixture
+def report(request):
+    def add(line: str) -> None:
+        _FIGURES.append(f"{request.node.nodeid}: {line}")
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("measured figures (reported, not asserted)")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

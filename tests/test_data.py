@@ -1,0 +1,187 @@
+"""OCTMNIST .npz loading and download path, load_data dispatch, stratified splits, tf.data pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import numpy as np
+import pytest
+
+from medrobust.data import load_data, octmnist
+from medrobust.data.splits import labeled_unlabeled_split
+
+
+def _fake_octmnist(path, n=(40, 8, 12), size=28, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (count, size, size), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(count) % 4).reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_load_npz_reads_all_splits_in_unit_range(tmp_path):
+    splits = octmnist.load_npz(_fake_octmnist(tmp_path / "octmnist.npz"))
+    assert set(splits) == {"train", "val", "test"}
+    x, y = splits["train"]
+    assert x.shape == (40, 28, 28, 1) and x.dtype == np.float32 and y.dtype == np.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0 and set(np.unique(y)) == {0, 1, 2, 3}
+
+
+def test_load_npz_resizes_to_requested_size(tmp_path):
+    x, _ = octmnist.load_npz(_fake_octmnist(tmp_path / "o.npz", size=64), image_size=28)["test"]
+    assert x.shape == (12, 28, 28, 1)
+
+
+def test_load_npz_missing_keys_names_file_and_keys(tmp_path):
+    path = tmp_path / "broken.npz"
+    np.savez(path, train_images=np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match=r"broken\.npz: missing arrays .*test_images.*train_labels"):
+        octmnist.load_npz(path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((4, 28, 28), np.nan, np.float32), "NaN"),
+    (np.zeros((4, 28, 28), np.complex64), "dtype"),
+    (np.zeros((4, 28), np.uint8), "shape"),
+])
+def test_load_npz_rejects_bad_arrays(tmp_path, bad, message):
+    path = tmp_path / "bad.npz"
+    good = np.zeros((4, 28, 28), np.uint8)
+    np.savez(path, train_images=bad, train_labels=np.zeros(4, np.uint8),
+             test_images=good, test_labels=np.zeros(4, np.uint8))
+    with pytest.raises(ValueError, match=message):
+        octmnist.load_npz(path)
+
+
+def test_load_npz_rejects_non_npz(tmp_path):
+    path = tmp_path / "octmnist.npz"
+    path.write_text("not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        octmnist.load_npz(path)
+
+
+def test_download_from_file_origin_checks_md5(tmp_path, monkeypatch):
+    source = _fake_octmnist(tmp_path / "source.npz")
+    monkeypatch.setitem(octmnist.FILES, 28, ("octmnist.npz", _md5(source)))
+    got = octmnist.download(28, origin=source.as_uri(), cache_dir=str(tmp_path / "cache"))
+    assert got.is_file() and _md5(got) == _md5(source)
+    assert octmnist.load_npz(got)["train"][0].shape == (40, 28, 28, 1)
+
+
+def test_download_with_wrong_checksum_fails_and_keeps_nothing(tmp_path, monkeypatch):
+    source = _fake_octmnist(tmp_path / "source.npz")
+    monkeypatch.setitem(octmnist.FILES, 28, ("octmnist.npz", "0" * 32))
+    with pytest.raises(ValueError, match="(?i)hash|checksum|corrupt|incomplete"):
+        octmnist.download(28, origin=source.as_uri(), cache_dir=str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").rglob("octmnist.npz"))
+
+
+def test_local_copy_in_medrobust_data_is_found_without_download(tmp_path, monkeypatch):
+    _fake_octmnist(tmp_path / "octmnist.npz")
+    monkeypatch.setenv("MEDROBUST_DATA", str(tmp_path))
+    monkeypatch.setattr(octmnist, "download", lambda *a, **k: pytest.fail("must not download"))
+    data = load_data("auto")
+    assert not data.synthetic and data.source.startswith("octmnist:")
+    assert len(data["test"][1]) == 12
+
+
+def test_auto_falls_back_to_phantom_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDROBUST_DATA", str(tmp_path))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(octmnist, "download", offline)
+    with pytest.warns(UserWarning, match="SYNTHETIC"):
+        data = load_data("auto", phantom_size=(40, 8, 8))
+    assert data.synthetic and data.source == "phantom"
+    with pytest.raises(ValueError, match="could not be downloaded"):
+        load_data("octmnist")
+
+
+@pytest.mark.network
+def test_real_octmnist_download():
+    """The true download from the MedMNIST record; skipped when the machine is offline."""
+    import socket
+
+    try:
+        socket.create_connection(("zenodo.org", 443), timeout=3).close()
+    except OSError:
+        pytest.skip("offline: zenodo.org unreachable")
+    path = octmnist.download(28)
+    assert octmnist.load_npz(path)["test"][0].shape[1:] == (28, 28, 1)
+
+
+def test_load_data_rejects_unknown_paths(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        load_data(str(tmp_path / "nope"))
+    (tmp_path / "scan.txt").write_text("x")
+    with pytest.raises(ValueError, match="must be an OCTMNIST-style .npz"):
+        load_data(str(tmp_path / "scan.txt"))
+
+
+def test_npz_without_val_gets_a_stratified_val_split(tmp_path):
+    path = tmp_path / "o.npz"
+    x = np.zeros((40, 28, 28), np.uint8)
+    y = np.arange(40) % 4
+    np.savez(path, train_images=x, train_labels=y, test_images=x[:8], test_labels=y[:8])
+    data = load_data(str(path))
+    assert len(data["val"][1]) == 4 and len(data["train"][1]) == 36
+    assert np.bincount(data["val"][1]).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.realdata
+def test_unsplit_real_folder_is_split_by_patient(real_scans):
+    from medrobust.data import patient_split
+    from medrobust.data.folders import load_image_tree, patient_id
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_data(str(real_scans), image_size=28)
+    assert sum(len(data[s][1]) for s in ("train", "val", "test")) == 90 and not data.synthetic
+    files = load_image_tree(real_scans, 28).files
+    which = patient_split(files, seed=0)
+    patients = np.array([patient_id(f.rsplit("/", 1)[-1]) for f in files])
+    for p in np.unique(patients):
+        assert len(set(which[patients == p])) == 1, f"patient {p} is in two splits"
+    assert set(which) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 1.0])
+def test_labeled_split_is_stratified_and_disjoint(fraction):
+    y = np.repeat(np.arange(4), [500, 300, 150, 50])
+    labeled, unlabeled = labeled_unlabeled_split(y, fraction, seed=3)
+    assert len(np.intersect1d(labeled, unlabeled)) == 0 and len(labeled) + len(unlabeled) == len(y)
+    counts = np.bincount(y[labeled], minlength=4)
+    expected = np.maximum(1, np.round(fraction * np.array([500, 300, 150, 50])))
+    assert counts.tolist() == expected.astype(int).tolist()
+    again, _ = labeled_unlabeled_split(y, fraction, seed=3)
+    assert np.array_equal(labeled, again)
+
+
+def test_labeled_split_rejects_bad_fraction():
+    with pytest.raises(ValueError, match="label_fraction"):
+        labeled_unlabeled_split(np.zeros(10), 0.0)
+
+
+def test_train_pipeline_batches_and_zips_unlabeled():
+    from medrobust.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
+
+    x = np.random.rand(50, 28, 28, 1).astype(np.float32)
+    y = np.arange(50) % 4
+    (xl, xu), yl = next(iter(train_dataset(x[:20], y[:20], 8, seed=0, x_unlabeled=x[20:], unlabeled_batch_size=16)))
+    assert xl.shape == (8, 28, 28, 1) and xu.shape == (16, 28, 28, 1) and yl.shape == (8,)
+    seen = np.concatenate([b[1].numpy() for b in train_dataset(x, y, 10, seed=1).take(5)])
+    assert len(seen) == 50 and sorted(seen.tolist()) == sorted(y.tolist())  # one epoch = every image once
+    assert steps_per_epoch(50, 8) == 7
+    assert sum(len(b[1]) for b in eval_dataset(x, y, 16)) == 50
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_dataset(x[:4], y[:4], 8)
