@@ -69,6 +69,7 @@ def run(component) -> None:
     """Run a Fire component; user errors become one line on stderr and exit status 2."""
     import fire
 
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once when piped or logged
     try:
         fire.Fire(component, serialize=lambda result: None)  # results go to files, not stdout
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
