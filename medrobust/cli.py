@@ -69,7 +69,11 @@ def run(component) -> None:
     """Run a Fire component; user errors become one line on stderr and exit status 2."""
     import fire
 
+    import warnings
+
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once when piped or logged
+    # Warnings (e.g. "skipped scan.jpeg: truncated ...") as one readable line each, without source context.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         fire.Fire(component, serialize=lambda result: None)  # results go to files, not stdout
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:

@@ -47,11 +47,14 @@ def evaluate(run: str, data: str | None = None, attacks="fgsm,pgd,apgd,cw,square
 
 
 def _evaluate(run_dir, config, data, names, budgets, adaptive, limit, out_dir, batch_size, seed, progress, steps):
+    from medrobust.data import load_data
+
+    # Data first: a bad dataset fails in a second, before TensorFlow loads.
+    dataset = load_data(str(data), image_size=config["image_size"], seed=config.get("seed", 0))
     cli.import_tensorflow()
     import keras
     import numpy as np
 
-    from medrobust.data import load_data
     from medrobust.evaluation.plots import write_plots
     from medrobust.evaluation.report import markdown
     from medrobust.evaluation.runner import SystemEvaluator, eps_key
@@ -66,7 +69,6 @@ def _evaluate(run_dir, config, data, names, budgets, adaptive, limit, out_dir, b
         from medrobust.detection import Detector
 
         detector = Detector.load(run_dir / "detector", classifier)
-    dataset = load_data(str(data), image_size=config["image_size"], seed=config.get("seed", 0))
     x, y = dataset["test"]
     if limit:
         keep = np.sort(np.random.default_rng(seed).permutation(len(y))[:int(limit)])

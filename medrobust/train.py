@@ -66,12 +66,13 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
 
 
 def _train(o: dict, out_dir: Path) -> dict:
+    from medrobust.data import load_data
+
+    # Data first: a bad dataset fails in a second, before TensorFlow loads.
+    data = load_data(o["data"], image_size=o["image_size"], seed=o["seed"])
     cli.import_tensorflow()
     import keras
     import numpy as np
-    import tensorflow as tf
-
-    from medrobust.data import load_data
     from medrobust.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
     from medrobust.data.splits import labeled_unlabeled_split
     from medrobust.models import build_classifier, load_classifier
@@ -79,7 +80,6 @@ def _train(o: dict, out_dir: Path) -> dict:
     from medrobust.training import make_trainer
 
     keras.utils.set_random_seed(o["seed"])
-    data = load_data(o["data"], image_size=o["image_size"], seed=o["seed"])
     print(f"data: {data.describe()}")
     x_train, y_train = data["train"]
     labeled, unlabeled = labeled_unlabeled_split(y_train, o["label_fraction"], o["seed"])

@@ -324,9 +324,9 @@ def test_image_error_is_value_error_and_picklable():
 
 
 def test_is_image_filename():
-    for name in ("a.jpeg", "b.JPG", "c.Jpeg", "d.png", "e.BMP", "f.tif", "g.TIFF"):
+    for name in ("a.jpeg", "b.JPG", "c.Jpeg", "d.png", "e.BMP", "f.tif", "g.TIFF", "h.gif"):
         assert is_image_filename(name)
-    for name in ("README", "MANIFEST.sha256", ".DS_Store", "x.txt", "y.gif", "jpeg"):
+    for name in ("README", "MANIFEST.sha256", ".DS_Store", "x.txt", "y.webp", "jpeg"):
         assert not is_image_filename(name)
     assert all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
 

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: File name extensions the folder loaders treat as images (matched case-insensitively).
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif")
 
 #: Decompression-bomb guard: images with more pixels than this are refused
 #: (from the header, before any pixel data is decoded).

@@ -49,6 +49,9 @@ def download(image_size: int = 28, origin: str | None = None, cache_dir: str | N
     `origin` overrides the record URL (a file:// URL works, which is how the tests exercise this path).
     Raises ValueError if the checksum does not match; the bad file is not kept.
     """
+    from medrobust.cli import import_tensorflow
+
+    import_tensorflow()
     import keras
 
     name, md5 = FILES[native_size(image_size)]
