@@ -48,3 +48,17 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures (reported, not asserted)")
         for line in _FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def phantom_system_run(tmp_path_factory):
+    """One trained system for the whole session: standard small CNN + UAD detector on the phantom."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("system") / "run"
+    args = [sys.executable, "-m", "medrobust.train", "--data", "phantom", "--method", "standard",
+            "--label-fraction", "1.0", "--epochs", "4", "--width", "16", "--detector-epochs", "4", "--out", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -8,8 +8,8 @@ maximise a joint objective
 
 where margin_term = -relu(z_y - max_{j!=y} z_j) stops rewarding the classifier term once the image is
 misclassified, so the remaining effort goes into hiding from the detector. Success means misclassified
-and not flagged. The weight w is swept; an image counts as a silent failure if ANY weight yields one
-(the attacker picks per image), which is the worst case the report gives.
+and not flagged. The weight w is swept, w = 0 (the plain attack) included; an image counts as a silent
+failure if ANY weight yields one (the attacker picks per image), which is the worst case the report gives.
 """
 
 from __future__ import annotations

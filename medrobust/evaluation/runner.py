@@ -44,13 +44,14 @@ class SystemEvaluator:
                      weights: tuple[float, ...] = DEFAULT_WEIGHTS) -> dict:
         attack = make_attack(name, self.classifier, self.settings)
         x_adv = attack_batches(attack, self.x, self.y, eps, self.batch_size, self.progress, desc=f"{name} eps={eps:g}")
-        entry, _ = self._figures(x_adv, curve=(name, eps_key(eps), False))
+        entry, silent = self._figures(x_adv, curve=(name, eps_key(eps), False))
         if adaptive and self.detector is not None and name in GRADIENT_ATTACKS:
-            entry["adaptive"] = self._adaptive(name, eps, weights)
+            entry["adaptive"] = self._adaptive(name, eps, weights, silent)
         return entry
 
-    def _adaptive(self, name: str, eps: float, weights) -> dict:
-        silent_any = np.zeros(len(self.y), bool)
+    def _adaptive(self, name: str, eps: float, weights, plain_silent: np.ndarray) -> dict:
+        # The sweep starts at w = 0, the plain attack: an attacker may also ignore the detector.
+        silent_any = plain_silent.copy()
         per_weight, worst_risk, worst_x, worst_w = [], -1.0, None, None
         for w in weights:
             objective, success = joint_objective(self.classifier, self.detector, w)
