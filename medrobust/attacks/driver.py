@@ -19,7 +19,8 @@ def attack_batches(attack, x: np.ndarray, y: np.ndarray, eps, batch_size: int = 
     for start in range(0, len(x), batch_size):
         stop = min(start + batch_size, len(x))
         batch_eps = eps if eps.ndim == 0 else eps[start:stop]
-        out[start:stop] = attack(x[start:stop], y[start:stop], batch_eps).numpy()
+        x_adv = attack(x[start:stop], y[start:stop], batch_eps)
+        out[start:stop] = x_adv.numpy() if tf.is_tensor(x_adv) else np.asarray(x_adv)  # numpy: SquareAttack
         bar.update(stop - start)
     bar.close()
     return out
