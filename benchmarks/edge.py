@@ -1,0 +1,227 @@
+"""Edge benchmark: int8 screening model vs float TFLite vs Keras, sizes, and medrobust-screen throughput.
+
+    python benchmarks/edge.py [--run runs/NAME] [--images FOLDER] [--repeats 300] [--json out.json]
+
+Without --run it trains a throwaway run first (phantom, standard, 1 epoch, the default width-32
+small CNN, with the UAD detector when medrobust.detection provides one). A run without detector/
+gets a stand-in detector (the UAD autoencoder, reconstruction-MSE score) so the fused model has the
+same shape of graph. Everything runs on 1 thread: LiteRT with num_threads=1, TensorFlow with one
+intra-op and one inter-op thread. Prints one table; goals: int8 screening.tflite <= 0.3x the float32
+size, >= 20x faster per image than Keras `model.predict` on one image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np  # noqa: E402
+
+REAL_DATA = Path(os.environ.get("MEDROBUST_DATA", "/nonexistent")) / "oct2017_subset"
+if not REAL_DATA.is_dir():
+    REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oct2017_subset"
+if not REAL_DATA.is_dir():
+    REAL_DATA = Path("/work/shared/data/oct2017_subset")
+
+
+class AutoencoderStandIn:
+    """The UAD autoencoder with a reconstruction-MSE score, for runs trained without a detector."""
+
+    def __init__(self, x_train, image_size: int, epochs: int = 1):
+        from medrobust.detection.autoencoder import build_autoencoder, train_autoencoder
+
+        self.autoencoder = build_autoencoder(image_size)
+        train_autoencoder(self.autoencoder, x_train, epochs=epochs)
+        rec = self.autoencoder.predict(x_train[:500], verbose=0)
+        self.threshold = float(np.quantile(np.mean((rec - x_train[:500]) ** 2, axis=(1, 2, 3)), 0.95))
+
+    def score_model(self):
+        import keras
+        from keras import ops
+
+        inp = keras.Input(self.autoencoder.input_shape[1:], name="image")
+        return keras.Model(inp, {"combined": ops.mean(ops.square(self.autoencoder(inp) - inp), axis=(1, 2, 3))})
+
+
+def _median_ms(fn, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def _tflite_latency(content: bytes, x: np.ndarray, repeats: int) -> float:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content, num_threads=1)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(x.shape))
+    interpreter.allocate_tensors()
+    outputs = [d["index"] for d in interpreter.get_output_details()]
+
+    def once():
+        interpreter.set_tensor(index, x)
+        interpreter.invoke()
+        for o in outputs:
+            interpreter.get_tensor(o)
+
+    return _median_ms(once, repeats)
+
+
+def _train_run(out: Path, width: int) -> None:
+    have_detector = _has_detector()
+    cmd = [sys.executable, "-m", "medrobust.train", "--data", "phantom", "--method", "standard",
+           "--label-fraction", "1.0", "--epochs", "1", "--width", str(width), "--out", str(out),
+           "--progress", "false", "--detector", "true" if have_detector else "false"]
+    print(f"training a throwaway run: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def _has_detector() -> bool:
+    try:
+        from medrobust.detection import Detector  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _screen_throughput(bundle: Path, folder: Path, copies: int) -> dict:
+    """Images/s of medrobust-screen (a subprocess, 1 thread) over `copies` copies of `folder`."""
+    with tempfile.TemporaryDirectory(prefix="medrobust-bench-") as tmp:
+        tree = Path(tmp) / "images"
+        for i in range(copies):
+            shutil.copytree(folder, tree / f"copy{i}")
+        script = Path(sys.executable).with_name("medrobust-screen")
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "export.runtime"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd + ["--bundle", str(bundle), str(tree), "--out", str(Path(tmp) / "r.csv")],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    match = re.search(r"screened (\d+) files.*\(([\d.]+) s, ([\d.]+) images/s\)", proc.stderr)
+    n, seconds, rate = int(match.group(1)), float(match.group(2)), float(match.group(3))
+    return {"images": n, "images_per_s": rate, "screen_seconds": seconds, "wall_seconds_with_startup": wall,
+            "wall_images_per_s": n / wall}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="trained run folder (default: train a throwaway one)")
+    parser.add_argument("--width", type=int, default=32, help="small CNN width of the throwaway run")
+    parser.add_argument("--images", help="folder of images for medrobust-screen (default: the real scans)")
+    parser.add_argument("--copies", type=int, default=3, help="copies of the image folder to screen")
+    parser.add_argument("--repeats", type=int, default=300, help="timed single-image runs per TFLite model")
+    parser.add_argument("--keras-repeats", type=int, default=30, help="timed Keras predict calls")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
+    from medrobust.data import load_data
+    from medrobust.io import read_json
+    from medrobust.models import load_classifier
+
+    from export import converters, screening
+    from export.bundle import export_bundle, load_detector
+
+    with tempfile.TemporaryDirectory(prefix="medrobust-edge-") as tmp:
+        tmp = Path(tmp)
+        run = Path(args.run) if args.run else tmp / "run"
+        if not args.run:
+            _train_run(run, args.width)
+        config = read_json(run / "config.json")
+        size = int(config["image_size"])
+        data = load_data(config.get("data", "phantom"), image_size=size, seed=int(config.get("seed", 0)))
+        classifier = load_classifier(run / "classifier.keras")
+        if (run / "detector").exists():
+            detector, kind = load_detector(run, classifier), "UAD detector"
+        else:
+            detector, kind = AutoencoderStandIn(data["train"][0][:2000], size), "stand-in (autoencoder MSE)"
+        print(f"run {run}: {classifier.count_params()} classifier parameters; detector: {kind}", flush=True)
+
+        bundle = tmp / "bundle"
+        export_bundle(run, bundle, quantize="int8", data=data, detector=detector, log=lambda m: None)
+        fused = screening.screening_model(classifier, detector)
+        float_tflite = converters.to_tflite(fused, "none")
+        int8_tflite = (bundle / "screening.tflite").read_bytes()
+        clf_int8 = (bundle / "classifier.tflite").stat().st_size
+        clf_float = len(converters.to_tflite(screening.classifier_model(classifier), "none"))
+
+        x = data["test"][0][:1]
+        lat_int8 = _tflite_latency(int8_tflite, x, args.repeats)
+        lat_float = _tflite_latency(float_tflite, x, args.repeats)
+        lat_keras = _median_ms(lambda: fused.predict(x, verbose=0), args.keras_repeats, warmup=3)
+        call = tf.function(lambda t: fused(t, training=False))
+        xt = tf.constant(x)
+        lat_keras_call = _median_ms(lambda: [v.numpy() for v in call(xt).values()], args.repeats)
+        lat_clf_predict = _median_ms(lambda: classifier.predict(x, verbose=0), args.keras_repeats, warmup=3)
+
+        folder = Path(args.images) if args.images else REAL_DATA
+        if not folder.is_dir():
+            from PIL import Image
+
+            folder = tmp / "generated"
+            folder.mkdir()
+            rng = np.random.default_rng(0)
+            for i in range(90):
+                Image.fromarray(rng.integers(0, 256, (496, 512), dtype=np.uint8)).save(folder / f"scan_{i}.jpeg")
+        throughput = _screen_throughput(bundle, folder, args.copies)
+
+    figures = {
+        "keras": keras.__version__, "tensorflow": tf.__version__, "image_size": size,
+        "classifier_params": int(classifier.count_params()), "detector": kind,
+        "size_bytes": {"screening_int8": len(int8_tflite), "screening_float32": len(float_tflite),
+                       "classifier_int8": clf_int8, "classifier_float32": clf_float},
+        "size_ratio_int8_over_float32": len(int8_tflite) / len(float_tflite),
+        "latency_ms_1_thread": {"tflite_int8_screening": lat_int8, "tflite_float32_screening": lat_float,
+                                "keras_predict_screening": lat_keras, "keras_predict_classifier": lat_clf_predict,
+                                "keras_compiled_call_screening": lat_keras_call},
+        "speedup_int8_vs_keras_predict": lat_keras / lat_int8,
+        "speedup_int8_vs_tflite_float32": lat_float / lat_int8,
+        "medrobust_screen": {**throughput, "folder": str(folder), "copies": args.copies},
+    }
+    t = figures["latency_ms_1_thread"]
+    print("\nedge benchmark (1 thread, one image per call, median)")
+    print(f"  int8 screening.tflite          {t['tflite_int8_screening']:9.3f} ms")
+    print(f"  float32 screening.tflite       {t['tflite_float32_screening']:9.3f} ms")
+    print(f"  Keras model.predict (fused)    {t['keras_predict_screening']:9.3f} ms   "
+          f"(classifier alone {t['keras_predict_classifier']:.3f} ms)")
+    print(f"  Keras compiled call (fused)    {t['keras_compiled_call_screening']:9.3f} ms")
+    print(f"  speed-up int8 vs Keras predict {figures['speedup_int8_vs_keras_predict']:9.1f}x   (goal >= 20x)")
+    print(f"  speed-up int8 vs float TFLite  {figures['speedup_int8_vs_tflite_float32']:9.2f}x")
+    s = figures["size_bytes"]
+    print(f"  size int8 / float32            {s['screening_int8'] / 1024:.1f} KiB / {s['screening_float32'] / 1024:.1f} "
+          f"KiB = {figures['size_ratio_int8_over_float32']:.2f}x   (goal <= 0.3x)")
+    print(f"  classifier.tflite int8/float32 {s['classifier_int8'] / 1024:.1f} KiB / {s['classifier_float32'] / 1024:.1f} "
+          f"KiB = {s['classifier_int8'] / s['classifier_float32']:.2f}x")
+    m = figures["medrobust_screen"]
+    print(f"  medrobust-screen               {m['images_per_s']:9.1f} images/s over {m['images']} images "
+          f"({m['wall_images_per_s']:.1f} images/s counting start-up and the sha256 check)")
+    if args.json:
+        from medrobust.io import atomic_write_json
+
+        atomic_write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

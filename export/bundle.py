@@ -1,0 +1,304 @@
+"""python -m export bundle: a trained run -> an edge bundle (TFLite, optional ONNX, manifest.json).
+
+    python -m export bundle --run runs/NAME --out bundles/NAME [--quantize int8|float16|none] [--onnx true]
+
+Writes into --out:
+
+* ``screening.tflite``  image -> probabilities, anomaly_score, flag (detector and classifier fused,
+  threshold baked in; see export.screening for the verdict rule),
+* ``classifier.tflite`` image -> logits, probabilities,
+* ``detector.tflite``   image -> anomaly_score,
+* with --onnx true: ``screening.onnx``, ``classifier.onnx``, ``detector.onnx`` (float32, tf2onnx) and,
+  with --quantize int8, ``*.int8.onnx`` (ONNX Runtime static int8),
+* ``manifest.json``: classes, input spec, preprocessing rule, quantization, threshold, verdict rule,
+  the sha256 and size of every file, package versions and the source run.
+
+Every file is written to a temporary name and renamed into place; the old manifest is removed first
+and the new one written last, so an interrupted export leaves a folder the runtime refuses (no
+manifest) rather than a bundle that mixes two exports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import time
+from pathlib import Path
+
+from medrobust import cli
+from medrobust.classes import CLASSES
+from medrobust.io import atomic_write_bytes, atomic_write_json, read_json
+
+from export.runtime import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, OUTPUT_FLAG, OUTPUT_PROBABILITIES,
+                            OUTPUT_SCORE, VERDICT_RULE)
+
+QUANTIZE = ("int8", "float16", "none")
+PREPROCESSING_RULE = ("medrobust.data.images.load_image: EXIF orientation; one grey channel (ITU-R 601-2 luma; "
+                      "alpha composited on black; 16-bit images scaled by 1/65535); centred square crop of the "
+                      "short edge; Pillow BOX (area) resize to image_size; 8-bit rounding, /255; float32 "
+                      "[image_size, image_size, 1] in [0, 1]")
+_EXPORT_SUFFIXES = (".tflite", ".onnx")
+
+
+def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str | None = None,
+           calibration: int = 1000, int8_scope: str = "mixed", opset: int = 17, progress="true") -> dict:
+    """Export a trained run as an edge bundle.
+
+    Args:
+      run: run folder (classifier.keras, config.json, detector/).
+      out: bundle folder to write (created; an existing bundle there is replaced).
+      quantize: int8 (default; float32 I/O, int8 layers) | float16 | none (float32).
+      onnx: true to also write ONNX models (float32; plus ONNX Runtime int8 with --quantize int8).
+      data: where the int8 calibration images come from (default: the run's own --data); the
+        calibration set is a seeded sample of its train split.
+      calibration: number of calibration images (int8 only).
+      int8_scope: mixed (default: int8 layers, float32 for the first layer on the raw image and for
+        the score/probability arithmetic) | full (full-integer, every op int8, for integer-only
+        accelerators).
+      opset: ONNX opset (>= 17).
+    """
+    quantize = str(quantize).lower()
+    if quantize not in QUANTIZE:
+        raise cli.UsageError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if str(int8_scope) not in ("mixed", "full"):
+        raise cli.UsageError(f"--int8-scope must be mixed or full, got {int8_scope!r}")
+    if int(calibration) < 1:
+        raise cli.UsageError(f"--calibration must be a positive integer, got {calibration}")
+    if int(opset) < 17:
+        raise cli.UsageError(f"--opset must be >= 17, got {opset}")
+    verbose = cli.parse_bool(progress, "progress")
+    return export_bundle(run, out, quantize=quantize, onnx=cli.parse_bool(onnx, "onnx"), data=data,
+                         calibration=int(calibration), int8_scope=str(int8_scope), opset=int(opset),
+                         log=(lambda msg: print(msg, flush=True)) if verbose else (lambda msg: None))
+
+
+def check_run(run_dir: Path, need_detector: bool = True) -> dict:
+    """The run's config.json, after checking the files a bundle needs are there."""
+    if not run_dir.is_dir():
+        raise cli.UsageError(f"{run_dir}: no such run folder")
+    for name in ("config.json", "classifier.keras"):
+        if not (run_dir / name).exists():
+            raise cli.UsageError(f"{run_dir}: no {name} (not a finished medrobust.train run)")
+    if need_detector and not (run_dir / "detector").exists():
+        raise cli.UsageError(f"{run_dir}: no detector/ (trained with --detector false?); the screening bundle "
+                             "needs the detector: train with --detector true")
+    config = read_json(run_dir / "config.json")
+    if not isinstance(config.get("image_size"), int):
+        raise cli.UsageError(f"{run_dir / 'config.json'}: no image_size")
+    return config
+
+
+def load_detector(run_dir: Path, classifier):
+    """The run's detector (medrobust.detection.Detector)."""
+    try:
+        from medrobust.detection import Detector
+    except ImportError as exc:
+        raise cli.UsageError(f"cannot load the detector: medrobust.detection is not available ({exc})") from None
+    return Detector.load(run_dir / "detector", classifier)
+
+
+def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=None, calibration: int = 1000,
+                  int8_scope: str = "mixed", opset: int = 17, detector=None, log=print) -> dict:
+    """The work behind `bundle`; returns the manifest. `detector` may be given (an object with
+    `.threshold` and `.score_model()`) instead of loading run/detector/; `data` may be a data name
+    or path, an OCTData, or an array of calibration images."""
+    run_dir, out_dir = Path(run), Path(out)
+    config = check_run(run_dir, need_detector=detector is None)
+
+    cli.import_tensorflow()  # quietly, before anything else imports it
+    from medrobust.models import load_classifier
+    from export import converters, screening
+
+    if out_dir.resolve() == run_dir.resolve():
+        raise cli.UsageError("--out must not be the run folder")
+    image_size = int(config["image_size"])
+    started = time.time()
+    log(f"loading {run_dir}")
+    classifier = load_classifier(run_dir / "classifier.keras")
+    if tuple(classifier.inputs[0].shape)[1:] != (image_size, image_size, 1):
+        raise cli.UsageError(f"{run_dir}: classifier input {tuple(classifier.inputs[0].shape)} does not match "
+                             f"image_size {image_size} in config.json")
+    if detector is None:
+        detector = load_detector(run_dir, classifier)
+    threshold = float(detector.threshold)
+    score_source = screening.score_function(detector, image_size)[2]
+    log(f"detector: threshold {threshold:.6g}; score graph from {score_source}")
+
+    calib, calib_source = None, None
+    if quantize == "int8":
+        calib, calib_source = _calibration_images(data, config, image_size, calibration, log)
+
+    models = {
+        "screening": screening.screening_model(classifier, detector, threshold),
+        "classifier": screening.classifier_model(classifier),
+        "detector": screening.detector_model(detector, image_size),
+    }
+    plan = [(name, "tflite") for name in models]
+    if onnx:
+        plan += [(name, "onnx") for name in models]
+        if quantize == "int8":
+            plan += [(name, "onnx-int8") for name in models]
+    files = {_file_name(name, kind): (name, kind) for name, kind in plan}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_old_bundle(out_dir, keep=set(files))
+    entries: dict[str, dict] = {}
+    onnx_float: dict[str, bytes] = {}
+    for i, (file_name, (name, kind)) in enumerate(files.items(), 1):
+        t0 = time.time()
+        precision = converters.PRECISION[quantize] if kind == "tflite" else ("int8" if kind == "onnx-int8"
+                                                                              else "float32")
+        log(f"[{i}/{len(files)}] {file_name}: converting ({precision})...")
+        if kind == "tflite":
+            content = converters.to_tflite(models[name], quantize, calib, int8_scope)
+            details = {"format": "tflite", "precision": precision, **converters.tflite_io_details(content),
+                       "op_types": converters.tflite_op_summary(content)}
+        elif kind == "onnx":
+            content = onnx_float[name] = converters.to_onnx(models[name], opset)
+            details = {"format": "onnx", "precision": precision, "opset": opset, **_onnx_io(content)}
+        else:
+            content = converters.quantize_onnx_int8(onnx_float[name], calib)
+            details = {"format": "onnx", "precision": precision, "opset": opset, **_onnx_io(content),
+                       "quantized_op_types": list(converters.ONNX_INT8_OPS)}
+        atomic_write_bytes(out_dir / file_name, content)
+        entries[file_name] = {"model": name, **details}
+        log(f"[{i}/{len(files)}] {file_name}: {len(content) / 1024:.1f} KiB in {time.time() - t0:.1f} s")
+
+    manifest = _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source, threshold,
+                         entries, onnx, opset)
+    manifest["detector"]["score_graph"] = score_source
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    log(f"wrote {out_dir} ({len(files)} models + {MANIFEST}) in {time.time() - started:.1f} s")
+    return manifest
+
+
+def _file_name(name: str, kind: str) -> str:
+    return {"tflite": f"{name}.tflite", "onnx": f"{name}.onnx", "onnx-int8": f"{name}.int8.onnx"}[kind]
+
+
+def _clear_old_bundle(out_dir: Path, keep: set[str]) -> None:
+    """Remove the old manifest first (the folder is no bundle until the new one is written), an old
+    parity.json, and model files of an earlier export that this one will not rewrite."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    (out_dir / "parity.json").unlink(missing_ok=True)
+    for path in out_dir.iterdir():
+        if path.is_file() and path.name.endswith(_EXPORT_SUFFIXES) and path.name not in keep:
+            path.unlink()
+
+
+def _calibration_images(data, config: dict, image_size: int, n: int, log):
+    import numpy as np
+
+    from export.converters import representative_batches
+
+    seed = int(config.get("seed", 0))
+    if isinstance(data, np.ndarray):
+        return representative_batches(data, n, seed), "given images"
+    if data is None or isinstance(data, str):
+        from medrobust.data import load_data
+
+        name = data or config.get("data", "auto")
+        log(f"calibration data: {name} (train split)")
+        data = load_data(name, image_size=image_size, seed=seed)
+    x = data["train"][0]
+    if x.shape[1:] != (image_size, image_size, 1):
+        raise cli.UsageError(f"calibration images are {x.shape[1:]}, the model takes ({image_size}, {image_size}, 1)")
+    source = f"train split of {data.source}" + (" (SYNTHETIC phantom)" if data.synthetic else "")
+    return representative_batches(x, n, seed), source
+
+
+def _onnx_io(content: bytes) -> dict:
+    import onnx
+
+    proto = onnx.load_from_string(content)
+
+    def dims(value):
+        return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+    init = {i.name for i in proto.graph.initializer}
+    return {"inputs": {v.name: {"shape": dims(v)} for v in proto.graph.input if v.name not in init},
+            "outputs": {v.name: {"shape": dims(v)} for v in proto.graph.output}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source, threshold, entries, onnx,
+              opset) -> dict:
+    from medrobust.train import package_versions
+    from export import converters
+
+    image_size = int(config["image_size"])
+    classifier_hash = _sha256(run_dir / "classifier.keras")
+    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    quantization = {"mode": quantize, "tflite_precision": converters.PRECISION[quantize]}
+    if quantize == "int8":
+        quantization.update({
+            "tflite": {
+                "scheme": "post-training int8 (TFLiteConverter, Optimize.DEFAULT, representative dataset); "
+                          "float32 input and outputs (QUANTIZE/DEQUANTIZE inside the model)",
+                "int8_scope": int8_scope,
+                "float_op_types": [] if int8_scope == "full" else list(converters.FLOAT_OPS),
+                "float_layers": "none" if int8_scope == "full" else "the first layer(s) reading the raw image",
+                "io_dtype": "float32",
+            },
+            "calibration": {"images": int(len(calib)), "source": calib_source, "seed": int(config.get("seed", 0))},
+        })
+        if onnx:
+            quantization["onnx"] = {"scheme": "onnxruntime.quantization.quantize_static, QDQ, MinMax, per-channel "
+                                              "symmetric int8 weights, int8 activations, float32 I/O",
+                                    "quantized_op_types": list(converters.ONNX_INT8_OPS)}
+    elif quantize == "float16":
+        quantization["tflite"] = {"scheme": "float16 weights (Optimize.DEFAULT, supported_types float16), float32 "
+                                            "compute and I/O", "io_dtype": "float32"}
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "classes": list(CLASSES),
+        "input": {"name": "image", "shape": [None, image_size, image_size, 1], "dtype": "float32",
+                  "range": [0.0, 1.0], "layout": "NHWC, one grey channel"},
+        "preprocessing": {"image_size": image_size, "module": "medrobust.data.images", "function": "load_image",
+                          "rule": PREPROCESSING_RULE},
+        "threshold": threshold,
+        "detector": {"score": "combined anomaly score of medrobust.detection (higher = more suspicious)",
+                     "flag": f"anomaly_score > {threshold!r}",
+                     "clean_fpr": metrics.get("detector_clean_fpr")},
+        "verdict_rule": VERDICT_RULE,
+        "clinical_reading": "refer = the detector flags the scan as unlike the clean scans the models were built on "
+                            "(adversarial, artefact, other device or disease): do not trust the AI on this scan, a "
+                            "human reads it. classify = the predicted class is a screening result, not a diagnosis.",
+        "outputs": {OUTPUT_PROBABILITIES: f"[n, {len(CLASSES)}] softmax over classes",
+                    OUTPUT_SCORE: "[n] combined anomaly score", OUTPUT_FLAG: "[n] 1.0 if anomaly_score > threshold"},
+        "quantization": quantization,
+        "models": {
+            name: {"file": f"{name}.tflite", **({"onnx": f"{name}.onnx"} if onnx else {}),
+                   **({"onnx_int8": f"{name}.int8.onnx"} if onnx and quantize == "int8" else {}),
+                   "precision": converters.PRECISION[quantize]}
+            for name in ("screening", "classifier", "detector")
+        },
+        "files": {name: {"sha256": _sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size, **entry}
+                  for name, entry in entries.items()},
+        "versions": package_versions(),
+        "source_run": {
+            "path": str(run_dir.resolve()),
+            "classifier_sha256": classifier_hash,
+            "data": config.get("data"), "data_source": config.get("data_source"),
+            "synthetic_data": config.get("synthetic_data"), "method": config.get("method"),
+            "arch": config.get("arch"), "width": config.get("width"), "image_size": image_size,
+            "seed": config.get("seed"), "clean_accuracy": metrics.get("clean_accuracy"),
+        },
+    }
+
+
+def main() -> None:
+    cli.run(bundle)
+
+
+if __name__ == "__main__":
+    main()

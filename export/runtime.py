@@ -1,0 +1,436 @@
+"""medrobust-screen: screen OCT scans with an exported bundle, on a device without TensorFlow.
+
+    medrobust-screen --bundle bundles/NAME IMAGE_OR_FOLDER... [--out results.csv|results.json] [--threads 1]
+    python -m export.runtime --bundle bundles/NAME ...
+
+Imports only the standard library, numpy, Pillow (through ``medrobust.data.images``), the LiteRT
+interpreter (``ai_edge_litert``, else ``tflite_runtime``) and ``medrobust.classes`` -- never
+TensorFlow.
+
+Before loading anything it reads ``manifest.json``, checks that every field it relies on is there,
+and checks the sha256 of every file the manifest lists; a bundle with a missing, changed or
+unexpected-looking file is refused with a one-line reason (exit status 2).
+
+Each image is decoded with ``medrobust.data.images.load_image`` (the training preprocessing: EXIF
+orientation, grey -- alpha composited on black, 16-bit scaled by 1/65535 -- centre square crop, BOX
+resize, /255) and run through ``screening.tflite``. One row per image:
+
+    file, verdict, class, confidence, anomaly_score, error
+
+verdict is ``refer`` when the detector flags the scan (anomaly_score > threshold: do not trust the
+AI on this scan, a human reads it), else ``classify`` (class = the most probable class, confidence
+its probability). A file that cannot be screened (corrupt, empty, not an image, too small, an
+unsupported pixel mode) gets verdict ``error`` and the reason in ``error``; the run goes on. Folders
+are searched recursively for files with an image extension (hidden files and folders are skipped);
+files named explicitly are always screened. Images are processed one at a time (bounded memory);
+with --out the results are streamed to a temporary file that is renamed into place at the end.
+
+Exit status: 0 when every file found was processed (error rows included), 2 for a bad bundle or bad
+arguments or when no image file was found, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from medrobust.data.images import IMAGE_EXTENSIONS, ImageError, is_image_filename, load_image
+
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "medrobust-bundle"
+BUNDLE_FORMAT_VERSION = 1
+
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_SCORE = "anomaly_score"
+OUTPUT_FLAG = "flag"
+
+VERDICT_CLASSIFY = "classify"
+VERDICT_REFER = "refer"
+VERDICT_ERROR = "error"
+VERDICT_RULE = ("flag = anomaly_score > threshold; verdict = 'refer' (human review, do not trust the AI "
+                "on this scan) if flag, else 'classify' (the most probable class stands)")
+
+COLUMNS = ("file", "verdict", "class", "confidence", "anomaly_score", "error")
+
+# Fields the runtime relies on; a manifest without one of them is refused.
+REQUIRED_FIELDS = ("format", "format_version", "classes", "input", "preprocessing", "threshold", "models", "files")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used (one-line reason)."""
+
+
+# ------------------------------------------------------------------------------------------ bundle
+
+def read_manifest(bundle_dir) -> dict:
+    """Parse and check manifest.json (fields and types only; see `verify_files` for the files)."""
+    bundle_dir = os.fspath(bundle_dir)
+    if not os.path.isdir(bundle_dir):
+        raise BundleError(f"{bundle_dir}: no such bundle folder")
+    path = os.path.join(bundle_dir, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{bundle_dir}: no {MANIFEST} (not a bundle, or the export was interrupted; "
+                          "run python -m export bundle again)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                          "the bundle is incomplete or from another tool")
+    if manifest["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: format is {manifest['format']!r}, expected {BUNDLE_FORMAT!r}")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {version!r} is not supported (this runtime reads "
+                          f"1..{BUNDLE_FORMAT_VERSION}); update medrobust")
+    _check_manifest_types(manifest, path)
+    return manifest
+
+
+def _field(manifest: dict, dotted: str, path: str):
+    value = manifest
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise BundleError(f"{path}: missing field {dotted}")
+        value = value[key]
+    return value
+
+
+def _check_manifest_types(m: dict, path: str) -> None:
+    classes = m["classes"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)):
+        raise BundleError(f"{path}: classes must be a list of class names")
+    threshold = m["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise BundleError(f"{path}: threshold must be a finite number, got {threshold!r}")
+    size = _field(m, "preprocessing.image_size", path)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise BundleError(f"{path}: preprocessing.image_size must be a positive integer, got {size!r}")
+    shape = _field(m, "input.shape", path)
+    if not (isinstance(shape, list) and len(shape) == 4 and shape[1:] == [size, size, 1]):
+        raise BundleError(f"{path}: input.shape must be [null, {size}, {size}, 1], got {shape!r}")
+    if _field(m, "input.dtype", path) != "float32":
+        raise BundleError(f"{path}: input.dtype must be float32")
+    files = m["files"]
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{path}: files must map file names to their sha256")
+    for name, entry in files.items():
+        if not _plain_name(name):
+            raise BundleError(f"{path}: file name {name!r} is not a plain file name inside the bundle")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not _SHA256.match(entry["sha256"]):
+            raise BundleError(f"{path}: files.{name}.sha256 is missing or not a sha256 hex digest")
+    screening = _field(m, "models.screening.file", path)
+    if screening not in files:
+        raise BundleError(f"{path}: models.screening.file {screening!r} is not listed in files")
+
+
+def _plain_name(name) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..", MANIFEST) and "/" not in name
+            and "\\" not in name and "\x00" not in name)
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(bundle_dir, manifest: dict) -> None:
+    """Check the sha256 of every file the manifest lists; BundleError on the first mismatch."""
+    bundle_dir = os.fspath(bundle_dir)
+    for name, entry in manifest["files"].items():
+        path = os.path.join(bundle_dir, name)
+        if not os.path.isfile(path):
+            raise BundleError(f"{bundle_dir}: {name} is listed in {MANIFEST} but missing; re-export the bundle")
+        if sha256_file(path) != entry["sha256"]:
+            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in {MANIFEST} (changed or "
+                              "corrupt file); refusing to load it, re-export or re-copy the bundle")
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise BundleError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime)") from None
+    return Interpreter
+
+
+class Screener:
+    """A verified bundle's screening model, ready to screen one image at a time.
+
+    screener = Screener("bundles/NAME", threads=1)
+    for row in screener.screen(["scans/"]): ...
+    """
+
+    def __init__(self, bundle_dir, threads: int = 1):
+        if threads < 1:
+            raise BundleError(f"--threads must be >= 1, got {threads}")
+        self.bundle_dir = os.fspath(bundle_dir)
+        self.manifest = read_manifest(self.bundle_dir)
+        verify_files(self.bundle_dir, self.manifest)
+        m = self.manifest
+        self.classes = tuple(m["classes"])
+        self.threshold = float(m["threshold"])
+        self.image_size = int(m["preprocessing"]["image_size"])
+        name = m["models"]["screening"]["file"]
+        with open(os.path.join(self.bundle_dir, name), "rb") as f:
+            content = f.read()
+        if hashlib.sha256(content).hexdigest() != m["files"][name]["sha256"]:  # changed since verify_files
+            raise BundleError(f"{self.bundle_dir}: {name} changed while loading; refusing it")
+        try:
+            self.interpreter = _interpreter_class()(model_content=content, num_threads=threads)
+        except ValueError as exc:
+            raise BundleError(f"{self.bundle_dir}: {name} is not a loadable TFLite model ({exc})") from None
+        self._bind(name)
+
+    def _bind(self, name: str) -> None:
+        it = self.interpreter
+        signatures = it.get_signature_list()
+        if len(signatures) != 1:
+            raise BundleError(f"{name}: expected one signature, found {sorted(signatures)}")
+        inputs, outputs = _signature_details(it, next(iter(signatures)))
+        needed = (OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_FLAG)
+        if len(inputs) != 1 or any(k not in outputs for k in needed):
+            raise BundleError(f"{name}: expected one image input and outputs {', '.join(needed)}; "
+                              f"found {sorted(inputs)} -> {sorted(outputs)}")
+        (detail,) = inputs.values()
+        shape = [int(v) for v in detail["shape_signature"]]
+        if shape[1:] != [self.image_size, self.image_size, 1] or detail["dtype"] != np.float32:
+            raise BundleError(f"{name}: input is {shape} {np.dtype(detail['dtype']).name}, the manifest says "
+                              f"[-1, {self.image_size}, {self.image_size}, 1] float32")
+        self._input = detail["index"]
+        it.resize_tensor_input(self._input, [1, self.image_size, self.image_size, 1])
+        it.allocate_tensors()
+        self._outputs = {k: outputs[k]["index"] for k in needed}
+        n = int(outputs[OUTPUT_PROBABILITIES]["shape_signature"][-1])
+        if n != len(self.classes):
+            raise BundleError(f"{name}: {n} class probabilities, the manifest lists {len(self.classes)} classes")
+
+    def predict(self, image: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """One preprocessed image [s, s, 1] (or [1, s, s, 1]) -> (probabilities, anomaly score, flag)."""
+        x = np.ascontiguousarray(image, np.float32).reshape(1, self.image_size, self.image_size, 1)
+        self.interpreter.set_tensor(self._input, x)
+        self.interpreter.invoke()
+        probs = np.array(self.interpreter.get_tensor(self._outputs[OUTPUT_PROBABILITIES])[0], np.float32)
+        score = float(self.interpreter.get_tensor(self._outputs[OUTPUT_SCORE]).reshape(-1)[0])
+        flag = bool(self.interpreter.get_tensor(self._outputs[OUTPUT_FLAG]).reshape(-1)[0] > 0.5)
+        return probs, score, flag
+
+    def screen_file(self, path: str) -> dict:
+        """One row for one file (an error row if it cannot be decoded)."""
+        try:
+            image = load_image(path, self.image_size)
+        except ImageError as exc:
+            return error_row(path, exc.reason)
+        except OSError as exc:  # pragma: no cover - load_image turns these into ImageError already
+            return error_row(path, f"cannot read file ({exc.__class__.__name__}: {exc})")
+        probs, score, flag = self.predict(image)
+        k = int(np.argmax(probs))
+        return {"file": path, "verdict": VERDICT_REFER if flag else VERDICT_CLASSIFY, "class": self.classes[k],
+                "confidence": float(f"{probs[k]:.6f}"), "anomaly_score": float(f"{score:.7g}"), "error": ""}
+
+    def screen(self, paths: Iterable[str], stats: dict | None = None) -> Iterator[dict]:
+        """Rows for every image under `paths`, one at a time (a generator: bounded memory)."""
+        for path in iter_image_files(paths, stats):
+            yield self.screen_file(path)
+
+
+def _signature_details(interpreter, key: str) -> tuple[dict, dict]:
+    """Input and output tensor details by name. The signature runner is dropped before returning: the
+    interpreter refuses resize_tensor_input while a runner holds a reference to it."""
+    runner = interpreter.get_signature_runner(key)
+    details = runner.get_input_details(), runner.get_output_details()
+    del runner
+    return details
+
+
+def error_row(path: str, reason: str) -> dict:
+    return {"file": path, "verdict": VERDICT_ERROR, "class": "", "confidence": "", "anomaly_score": "",
+            "error": " ".join(str(reason).split())}
+
+
+def iter_image_files(paths: Iterable[str], stats: dict | None = None) -> Iterator[str]:
+    """Files to screen, in order: an explicitly named file as is; a folder recursively (sorted, hidden
+    entries skipped, only IMAGE_EXTENSIONS). Missing paths are yielded too (they become error rows).
+    `stats['ignored']` counts the non-image files seen in folders."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("ignored", 0)
+    for path in paths:
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            yield path
+            continue
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                if is_image_filename(name):
+                    yield os.path.join(root, name)
+                else:
+                    stats["ignored"] += 1
+
+
+# ------------------------------------------------------------------------------------------ output
+
+class _Sink:
+    """Rows to stdout (CSV) or to --out (CSV or JSON), written to a temp file and renamed at the end."""
+
+    def __init__(self, out: str | None, header: dict):
+        self.out, self.header, self.count = out, header, 0
+        self.format = "csv"
+        if out:
+            ext = os.path.splitext(out)[1].lower()
+            if ext not in (".csv", ".json"):
+                raise BundleError(f"--out must end with .csv or .json, got {out!r}")
+            self.format = ext[1:]
+            folder = os.path.dirname(os.path.abspath(out))
+            if not os.path.isdir(folder):
+                raise BundleError(f"--out: folder {folder} does not exist")
+            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+            self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        else:
+            self.tmp, self.file = None, sys.stdout
+        if self.format == "csv":
+            self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS, lineterminator="\n")
+            self.writer.writeheader()
+        else:
+            self.file.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in header.items())
+                            + '  "results": [')
+
+    def write(self, row: dict) -> None:
+        if self.format == "csv":
+            self.writer.writerow(row)
+        else:
+            self.file.write(("," if self.count else "") + "\n    " + json.dumps(_json_row(row)))
+        self.count += 1
+
+    def close(self, summary: dict) -> None:
+        if self.format == "json":
+            self.file.write(("\n  " if self.count else "") + "],\n  \"summary\": " + json.dumps(summary) + "\n}\n")
+        self.file.flush()
+        if self.tmp:
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.out)
+
+    def abort(self) -> None:
+        if self.tmp:
+            self.file.close()
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _json_row(row: dict) -> dict:
+    out = dict(row)
+    for k in ("confidence", "anomaly_score"):
+        if out[k] == "":
+            out[k] = None
+    if not out["error"]:
+        out["error"] = None
+    if out["verdict"] == VERDICT_ERROR:
+        out["class"] = None
+    return out
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medrobust-screen",
+        description="Screen retinal OCT scans with an exported medrobust bundle (LiteRT, no TensorFlow). "
+                    "One row per image: file, verdict (classify|refer|error), class, confidence, "
+                    "anomaly_score, error. verdict 'refer' = the detector flags the scan: do not trust the AI "
+                    "on it, a human reads it.",
+        epilog="Exit status: 0 when every file found was processed (unreadable files get error rows), "
+               "2 for a bad bundle or arguments or no image found, 130 when interrupted.")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="image files and/or folders (searched recursively for .jpeg .jpg .png .bmp .tif .tiff)")
+    parser.add_argument("--bundle", required=True, help="bundle folder written by `python -m export bundle`")
+    parser.add_argument("--out", default=None,
+                        help="write results to this .csv or .json file (default: CSV on standard output)")
+    parser.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress or summary on standard error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        return _run(args, log)
+    except BundleError as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args, log) -> int:
+    screener = Screener(args.bundle, threads=args.threads)
+    m = screener.manifest
+    log(f"bundle {args.bundle}: verified {len(m['files'])} files; {m['models']['screening'].get('precision', '?')} "
+        f"screening model, image {screener.image_size}x{screener.image_size}, threshold {screener.threshold:.6g}")
+    header = {"bundle": os.path.abspath(args.bundle), "classes": list(screener.classes),
+              "threshold": screener.threshold, "verdict_rule": VERDICT_RULE}
+    sink = _Sink(args.out, header)
+    counts = {VERDICT_CLASSIFY: 0, VERDICT_REFER: 0, VERDICT_ERROR: 0}
+    stats: dict = {}
+    started = last = time.perf_counter()
+    try:
+        for row in screener.screen(args.inputs, stats):
+            sink.write(row)
+            counts[row["verdict"]] += 1
+            if row["verdict"] == VERDICT_ERROR:
+                log(f"error: {row['file']}: {row['error']}")
+            now = time.perf_counter()
+            if now - last > 5:
+                log(f"... {sink.count} images")
+                last = now
+    except BaseException:
+        sink.abort()
+        raise
+    seconds = time.perf_counter() - started
+    summary = {**counts, "images": sink.count, "ignored_non_image_files": stats.get("ignored", 0),
+               "seconds": round(seconds, 3)}
+    if sink.count == 0:
+        sink.abort()
+        raise BundleError(f"no image files found in {', '.join(args.inputs)} "
+                          f"(looked for {' '.join(IMAGE_EXTENSIONS)})")
+    sink.close(summary)
+    rate = sink.count / seconds if seconds > 0 else float("inf")
+    log(f"screened {sink.count} files: {counts[VERDICT_CLASSIFY]} classify, {counts[VERDICT_REFER]} refer, "
+        f"{counts[VERDICT_ERROR]} errors"
+        + (f", {stats['ignored']} non-image files ignored" if stats.get("ignored") else "")
+        + f" ({seconds:.2f} s, {rate:.1f} images/s)" + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The fused screening model: one graph, image in -> class probabilities, anomaly score, flag.
+
+Verdict rule (the same in the model, the runtime and the docs):
+
+    flag    = anomaly_score > threshold         (threshold baked into the graph as a constant)
+    verdict = "refer"    if flag                (human review: do not trust the AI on this scan)
+              "classify" otherwise              (the class with the highest probability stands)
+
+Clinical reading: the detector was fitted on clean scans only; a flag says the scan does not look
+like the scans the classifier was built on (an adversarial perturbation, an artefact, another
+device, another disease), so the AI's class for it must not be used -- a human reads the scan. A
+scan that is not flagged is classified; its class is a screening result, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+from export.runtime import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, VERDICT_RULE
+
+OUTPUT_LOGITS = "logits"
+
+
+def combined_score(outputs):
+    """The combined anomaly score from a detector score model's outputs (dict 'combined', list/tuple
+    first element, or a single tensor), as a [n] tensor."""
+    from keras import ops
+
+    if isinstance(outputs, dict):
+        if "combined" not in outputs:
+            raise ValueError(f"detector score model outputs {sorted(outputs)} have no 'combined' score")
+        score = outputs["combined"]
+    elif isinstance(outputs, (list, tuple)):
+        score = outputs[0]
+    else:
+        score = outputs
+    return ops.reshape(ops.cast(score, "float32"), (-1,))
+
+
+def _input(model, name: str = "image"):
+    import keras
+
+    shape = tuple(model.inputs[0].shape)[1:]
+    return keras.Input(shape, name=name, dtype="float32")
+
+
+def classifier_model(classifier):
+    """classifier.tflite: image -> {'logits', 'probabilities'}."""
+    import keras
+
+    image = _input(classifier)
+    logits = classifier(image)
+    probabilities = keras.layers.Softmax(name=OUTPUT_PROBABILITIES)(logits)
+    return keras.Model(image, {OUTPUT_LOGITS: logits, OUTPUT_PROBABILITIES: probabilities},
+                       name="classifier_export")
+
+
+def score_function(detector, image_size: int):
+    """(fn, keras models it uses, how): fn maps an image batch tensor to the combined score [n].
+
+    Uses ``detector.score_model()`` (the documented export graph) when calling it works; a detector
+    whose score model cannot be called on a batch (e.g. a reshape that baked the symbolic batch size
+    into the graph) falls back to its ``score_tensor()``, the same differentiable ops run directly.
+    """
+    import keras
+    import numpy as np
+
+    model = detector.score_model()
+    try:
+        model(np.zeros((2, image_size, image_size, 1), np.float32), training=False)
+    except Exception as exc:
+        if not hasattr(detector, "score_tensor"):
+            raise
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
+        parts = [v for v in vars(detector).values() if isinstance(v, keras.Model)]
+        return (lambda x: combined_score(detector.score_tensor(x))), parts, \
+            f"detector.score_tensor() (detector.score_model() cannot be called: {reason[:200]})"
+    return (lambda x: combined_score(model(x, training=False))), [model], "detector.score_model()"
+
+
+def _graph(name: str, fn, image_size: int, outputs: list[str], parts: list):
+    """A Keras model (subclassed) image -> dict outputs computed by fn, tracking the models in parts."""
+    import keras
+    import numpy as np
+
+    class ExportGraph(keras.Model):
+        def __init__(self):
+            super().__init__(name=name)
+            self.parts = list(parts)  # tracked: their variables are exported
+
+        def call(self, image, training=False):
+            return fn(image)
+
+    graph = ExportGraph()
+    graph.export_image_size, graph.export_outputs = int(image_size), list(outputs)
+    graph(np.zeros((1, image_size, image_size, 1), np.float32))  # build
+    return graph
+
+
+def detector_model(detector, image_size: int):
+    """detector.tflite: image -> {'anomaly_score'} (the detector's combined score)."""
+    score, parts, _ = score_function(detector, image_size)
+    return _graph("detector_export", lambda x: {OUTPUT_SCORE: score(x)}, image_size, [OUTPUT_SCORE], parts)
+
+
+def screening_model(classifier, detector, threshold: float | None = None):
+    """screening.tflite: image -> {'probabilities', 'anomaly_score', 'flag'} with flag = score > threshold
+    (1.0 or 0.0, float32; threshold defaults to detector.threshold, baked in as a constant)."""
+    from keras import ops
+
+    threshold = float(detector.threshold if threshold is None else threshold)
+    if not threshold == threshold or threshold in (float("inf"), float("-inf")):
+        raise ValueError(f"detector threshold must be a finite number, got {threshold}")
+    image_size = int(tuple(classifier.inputs[0].shape)[1])
+    score_fn, parts, _ = score_function(detector, image_size)
+
+    def fn(image):
+        probabilities = ops.softmax(classifier(image, training=False), axis=-1)
+        score = score_fn(image)
+        flag = ops.cast(ops.greater(score, threshold), "float32")  # a Python float: a graph constant
+        return {OUTPUT_PROBABILITIES: probabilities, OUTPUT_SCORE: score, OUTPUT_FLAG: flag}
+
+    return _graph("screening", fn, image_size, [OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_FLAG],
+                  [classifier, *parts])
+
+
+__all__ = ["VERDICT_RULE", "combined_score", "score_function", "classifier_model", "detector_model",
+           "screening_model"]
