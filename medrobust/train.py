@@ -29,8 +29,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
           attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "small_cnn", width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
-          teacher: str | None = None, strategy: str = "none", detector_epochs: int = 10,
-          target_fpr: float = 0.05, overwrite="false", tensorboard="false", progress="true") -> dict:
+          teacher: str | None = "snapshot", pretrain_epochs: float = 3.0, strategy: str = "none",
+          detector_epochs: int = 10, target_fpr: float = 0.05, overwrite="false", tensorboard="false",
+          progress="true") -> dict:
     """Train a classifier with the chosen method and, unless --detector false, the UAD detector.
 
     Args:
@@ -44,7 +45,11 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       train_eps: the budget of PGD-AT and TRADES adversaries.
       beta: TRADES trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
-      teacher: optional path of a frozen classifier.keras that gives SSAT's pseudo-labels.
+      teacher: where SSAT's pseudo-labels come from: snapshot (a frozen copy of the model taken after
+        --pretrain-epochs of labeled-only training), none (the current model; unstable, see
+        medrobust/training/ssat.py) or the path of a frozen classifier.keras.
+      pretrain_epochs: SSAT's labeled-only epochs before its adversarial loss switches on (at most half
+        of --epochs).
       strategy: none | mirrored | multiworker (tf.distribute).
       target_fpr: detector false-alarm rate on clean validation images.
     """
@@ -93,16 +98,20 @@ def _train(o: dict, out_dir: Path) -> dict:
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     atomic_write_json(out_dir / "config.json", config)
 
+    steps = steps_per_epoch(len(x_train), o["batch_size"])
     strategy = make_strategy(o["strategy"])
     with strategy.scope():
         classifier = build_classifier(o["arch"], o["image_size"], o["width"])
-        trainer = make_trainer(o["method"], classifier, **trainer_options(o, load_classifier))
+        options = trainer_options(o, load_classifier, steps)
+        trainer = make_trainer(o["method"], classifier, **options)
+        if o["method"] == "ssat":
+            print(f"ssat: {options['pretrain_steps']} labeled-only steps, then lam {o['lam']} with pseudo-labels "
+                  f"from {o['teacher'] if options['teacher'] is not None else 'the current model'}")
         trainer.compile(optimizer=keras.optimizers.Adam(o["lr"]))
         # BackupAndRestore needs built weights and optimizer slots to restore into.
         trainer(np.zeros((1, o["image_size"], o["image_size"], 1), np.float32))
         trainer.optimizer.build(classifier.trainable_variables)
 
-    steps = steps_per_epoch(len(x_train), o["batch_size"])
     train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
                              x_unlabeled=x_train[unlabeled] if semi else None,
                              unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"])
@@ -138,13 +147,18 @@ def _train(o: dict, out_dir: Path) -> dict:
     return metrics
 
 
-def trainer_options(o: dict, load_classifier) -> dict:
+def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
     """The keyword arguments each method's Trainer takes, from the CLI options."""
     if o["method"] == "ssat":
         eps = o["eps"] if len(o["eps"]) == 2 else (o["eps"][0], o["eps"][0])
-        teacher = load_classifier(o["teacher"]) if o["teacher"] else None
+        teacher = o.get("teacher")
+        if teacher is None or str(teacher).lower() == "none":
+            teacher = None
+        elif teacher != "snapshot":
+            teacher = load_classifier(teacher)
+        pretrain = min(float(o.get("pretrain_epochs", 0.0)), o.get("epochs", 0) / 2)
         return dict(eps_range=eps, lam=o["lam"], attack=o["attack"], pgd_steps=o["pgd_steps"],
-                    confidence=o["confidence"], teacher=teacher)
+                    confidence=o["confidence"], teacher=teacher, pretrain_steps=round(pretrain * steps_per_epoch))
     if o["method"] == "pgd_at":
         return dict(eps=o["train_eps"], steps=o["pgd_steps"])
     if o["method"] == "trades":
@@ -210,6 +224,8 @@ def _check_numbers(o: dict) -> None:
     for name in ("epochs", "image_size", "batch_size", "pgd_steps", "detector_epochs"):
         if int(o[name]) < 1:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
+    if o["lam"] < 0 or o["pretrain_epochs"] < 0:
+        raise cli.UsageError(f"--lam and --pretrain-epochs must be >= 0, got {o['lam']} and {o['pretrain_epochs']}")
     if not 0 < o["target_fpr"] < 1:
         raise cli.UsageError(f"--target-fpr must be in (0, 1), got {o['target_fpr']}")
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from medrobust.training.base import Trainer
+from medrobust.training.ssat import SSATTrainer
+from medrobust.training.supervised import PGDATTrainer, TRADESTrainer
 
-TRAINERS: dict[str, type[Trainer]] = {"standard": Trainer}
+TRAINERS: dict[str, type[Trainer]] = {"standard": Trainer, "ssat": SSATTrainer, "pgd_at": PGDATTrainer,
+                                      "trades": TRADESTrainer}
 
 
 def make_trainer(method: str, classifier, **options) -> Trainer:

@@ -36,6 +36,8 @@ class Trainer(keras.Model):
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
     def call(self, x, training=False):
+        if isinstance(x, (tuple, list)):  # (x, x_u) training inputs: Keras builds the model on them
+            x = x[0]
         return self.classifier(x, training=training)
 
     @property

@@ -1,0 +1,92 @@
+"""Time of one training step of each method over a standard (clean) step, from one run.
+
+    python benchmarks/ssat_step.py [--batch-size 64] [--width 32] [--steps 30] [--jit]
+
+Every method sees the same labeled batch; SSAT also gets an unlabeled batch of the same size (the
+train CLI's default). "ssat (fgsm)" takes pseudo-labels from the current model (one forward pass of
+x_u gives labels and gradient); the CLI default's snapshot teacher adds one inference pass of x_u. Steps are compiled tf.functions of the trainers' own `train_step`; after a warm-up
+the methods are timed in interleaved rounds (so load from other processes hits all of them alike) and
+the median per method is reported. Goal: SSAT (FGSM) <= 3x a standard step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64, help="labeled and unlabeled batch size")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--width", type=int, default=None, help="model width (default: the architecture's)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--pgd-steps", type=int, default=10, help="k of PGD-AT and TRADES")
+    parser.add_argument("--jit", action="store_true", help="XLA-compile every step (jit_compile=True)")
+    parser.add_argument("--no-variants", action="store_true", help="skip SSAT's joint-forward and PGD variants")
+    args = parser.parse_args()
+
+    import keras
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # one tf.function per trainer: the retracing notice is expected
+    from medrobust.models import build_classifier
+    from medrobust.training import make_trainer
+
+    rng = np.random.default_rng(0)
+    shape = (args.batch_size, args.image_size, args.image_size, 1)
+    x = tf.constant(rng.uniform(0, 1, shape).astype(np.float32))
+    x_u = tf.constant(rng.uniform(0, 1, shape).astype(np.float32))
+    y = tf.constant(rng.integers(0, 4, args.batch_size))
+
+    k = args.pgd_steps
+    methods = {  # name: (method, options, batch)
+        "standard": ("standard", {}, (x, y)),
+        "ssat (fgsm)": ("ssat", {}, ((x, x_u), y)),
+        "ssat (fgsm, snapshot teacher: CLI default)": ("ssat", dict(teacher="snapshot"), ((x, x_u), y)),
+        f"pgd_at-{k}": ("pgd_at", dict(eps=0.004, steps=k), (x, y)),
+        f"trades-{k}": ("trades", dict(eps=0.004, steps=k), (x, y)),
+    }
+    if not args.no_variants:
+        methods["ssat (fgsm, joint forward)"] = ("ssat", dict(joint_forward=True), ((x, x_u), y))
+        methods[f"ssat (pgd-{k})"] = ("ssat", dict(attack="pgd", pgd_steps=k), ((x, x_u), y))
+
+    steps = {}
+    for name, (method, options, batch) in methods.items():
+        keras.utils.set_random_seed(0)
+        classifier = build_classifier(args.arch, args.image_size, args.width)
+        trainer = make_trainer(method, classifier, **options)
+        trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+        trainer.optimizer.build(classifier.trainable_variables)
+        step = tf.function(trainer.train_step, jit_compile=args.jit)
+        for _ in range(args.warmup):
+            step(batch)["loss"].numpy()
+        steps[name] = (step, batch)
+
+    times = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, (step, batch) in steps.items():
+            start = time.perf_counter()
+            step(batch)["loss"].numpy()
+            times[name].append(time.perf_counter() - start)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    base = median["standard"]
+    print(f"{args.arch} width {args.width or 'default'}, {args.image_size}px, batch {args.batch_size} labeled"
+          f" (+{args.batch_size} unlabeled for SSAT), jit_compile={args.jit}, median of {args.steps} steps,"
+          f" TF {tf.__version__}, {tf.config.threading.get_intra_op_parallelism_threads() or 'default'} threads\n")
+    print("| method | ms / step | x standard |")
+    print("|---|---:|---:|")
+    for name, seconds in median.items():
+        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.2f} |")
+    ratio = median["ssat (fgsm)"] / base
+    print(f"\nSSAT (FGSM) / standard = {ratio:.2f} (goal <= 3): {'met' if ratio <= 3 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
