@@ -99,3 +99,26 @@ def test_commands_stop_on_bad_datasets_with_one_line(bad_folder_run, tmp_path, m
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and path.name in errors[0] and words in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_screen_runtime_on_a_folder_with_every_bad_file(bad_folder_run, tmp_path):
+    """medrobust-screen gives every corpus file a row: an error row for unreadable ones, a verdict otherwise."""
+    import csv
+    import io
+
+    root, made, run, _ = bad_folder_run
+    bundle = tmp_path / "bundle"
+    built = run_cli("bundle", "--run", str(run), "--out", str(bundle), "--onnx", "false", "--calibration", "32",
+                    module="export")
+    assert built.returncode == 0, built.stderr[-3000:]
+    result = run_cli("--bundle", str(bundle), str(root / "train" / "CNV"), module="export.runtime")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    rows = {row["file"].rsplit("/", 1)[-1]: row for row in csv.DictReader(io.StringIO(result.stdout))}
+    for kind, path in made.items():
+        _, handling, words = corpus.FILE_KINDS[kind]
+        row = rows[path.name]
+        if handling == "skip":
+            assert row["verdict"] == "error" and words in row["error"], (kind, row)
+        else:
+            assert row["verdict"] in ("classify", "refer") and row["class"] in ("CNV", "DME", "DRUSEN", "NORMAL"), (kind, row)
