@@ -231,7 +231,15 @@ class Screener:
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, float, bool]:
         """One preprocessed image [s, s, 1] (or [1, s, s, 1]) -> (probabilities, anomaly score, flag)."""
-        x = np.ascontiguousarray(image, np.float32).reshape(1, self.image_size, self.image_size, 1)
+        image = np.asarray(image)
+        s = self.image_size
+        if image.shape not in ((s, s), (s, s, 1), (1, s, s, 1)):
+            raise ValueError(f"image has shape {image.shape}; the bundle expects [{s}, {s}, 1] (or [1, {s}, {s}, 1])")
+        if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+            raise ValueError(f"image has dtype {image.dtype}; expected float pixels in [0, 1]")
+        x = np.ascontiguousarray(image, np.float32).reshape(1, s, s, 1)
+        if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+            raise ValueError("image pixels must be finite and in [0, 1]")
         self.interpreter.set_tensor(self._input, x)
         self.interpreter.invoke()
         probs = np.array(self.interpreter.get_tensor(self._outputs[OUTPUT_PROBABILITIES])[0], np.float32)

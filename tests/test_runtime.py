@@ -289,3 +289,22 @@ def test_export_package_import_is_light():
             "'tf2onnx', 'sklearn')]; print(heavy); assert not heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("bad, words", [
+    (np.zeros((3, 3, 1), np.float32), "shape"),
+    (np.zeros((2, 28, 28, 1), np.float32), "shape"),
+    (np.full((28, 28, 1), np.nan, np.float32), "finite"),
+    (np.full((28, 28, 1), 7.0, np.float32), "in \\[0, 1\\]"),
+    (np.zeros((28, 28, 1), np.complex64), "dtype"),
+])
+def test_predict_refuses_wrong_tensors_with_a_clear_message(bundle_dir, bad, words):
+    from export.runtime import Screener
+
+    screener = Screener(bundle_dir)
+    if bad.shape[1:3] == (28, 28) and screener.image_size != 28:
+        pytest.skip("bundle image size differs")
+    with pytest.raises(ValueError, match=words):
+        screener.predict(bad)
+    probs, score, flag = screener.predict(np.zeros((screener.image_size,) * 2 + (1,), np.float32))
+    assert probs.shape == (4,) and np.isfinite(score)
