@@ -158,7 +158,9 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
             teacher = load_classifier(teacher)
         pretrain = min(float(o.get("pretrain_epochs", 0.0)), o.get("epochs", 0) / 2)
         return dict(eps_range=eps, lam=o["lam"], attack=o["attack"], pgd_steps=o["pgd_steps"],
-                    confidence=o["confidence"], teacher=teacher, pretrain_steps=round(pretrain * steps_per_epoch))
+                    confidence=o["confidence"], teacher=teacher,
+                    # A snapshot needs at least one labeled-only step, even for a one-batch epoch.
+                    pretrain_steps=max(int(teacher == "snapshot"), round(pretrain * steps_per_epoch)))
     if o["method"] == "pgd_at":
         return dict(eps=o["train_eps"], steps=o["pgd_steps"])
     if o["method"] == "trades":
@@ -226,6 +228,8 @@ def _check_numbers(o: dict) -> None:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
     if o["lam"] < 0 or o["pretrain_epochs"] < 0:
         raise cli.UsageError(f"--lam and --pretrain-epochs must be >= 0, got {o['lam']} and {o['pretrain_epochs']}")
+    if o["method"] == "ssat" and o["teacher"] == "snapshot" and o["pretrain_epochs"] == 0:
+        raise cli.UsageError("--teacher snapshot needs --pretrain-epochs > 0 (or pass --teacher none or a path)")
     if not 0 < o["target_fpr"] < 1:
         raise cli.UsageError(f"--target-fpr must be in (0, 1), got {o['target_fpr']}")
 

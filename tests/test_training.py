@@ -83,7 +83,7 @@ def test_registry_has_all_methods_and_accepts_cli_options():
 
 @pytest.mark.parametrize("kwargs", [dict(eps_range=(0.003, 0.001)), dict(eps_range=(0.0, 2.0)),
                                     dict(attack="cw"), dict(lam=-1.0), dict(confidence=1.0),
-                                    dict(teacher="bogus"), dict(pretrain_steps=-1)])
+                                    dict(teacher="bogus"), dict(pretrain_steps=-1), dict(teacher="snapshot")])
 def test_ssat_rejects_bad_options(kwargs):
     with pytest.raises(ValueError):
         SSATTrainer(_classifier(), **kwargs)

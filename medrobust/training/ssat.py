@@ -69,6 +69,9 @@ class SSATTrainer(Trainer):
                              f"confidence={confidence}, pgd_steps={pgd_steps}, pretrain_steps={pretrain_steps}")
         if isinstance(teacher, str) and teacher != "snapshot":
             raise ValueError(f"teacher must be None, a keras.Model or 'snapshot', got {teacher!r}")
+        if teacher == "snapshot" and int(pretrain_steps) == 0:
+            raise ValueError("teacher='snapshot' needs pretrain_steps > 0 (a snapshot of the untrained model "
+                             "would label at random)")
         self.eps_min, self.eps_max = eps_min, eps_max
         self.lam, self.attack, self.pgd_steps = float(lam), attack, int(pgd_steps)
         self.confidence, self.joint_forward = float(confidence), bool(joint_forward)
