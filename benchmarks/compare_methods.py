@@ -100,7 +100,7 @@ def main() -> None:
           f"attack: PGD-{args.attack_steps} L-inf, random start" + (f"; train options {extra}" if extra else ""))
     print()
     print("| method | label fraction | clean | " + " | ".join(f"PGD-{args.attack_steps} eps={e:g}" for e in eps_list)
-          + " | train s |")
+          + " | train s (last session) |")
     print("|---|---:|---:|" + "---:|" * len(eps_list) + "---:|")
     for method, fraction, clean, robust, seconds in rows:
         print(f"| {method} | {fraction:g} | {clean:.3f} | " + " | ".join(f"{r:.3f}" for r in robust)

@@ -3,10 +3,16 @@
     python benchmarks/ssat_step.py [--batch-size 64] [--width 32] [--steps 30] [--jit]
 
 Every method sees the same labeled batch; SSAT also gets an unlabeled batch of the same size (the
-train CLI's default). "ssat (fgsm)" takes pseudo-labels from the current model (one forward pass of
-x_u gives labels and gradient); the CLI default's snapshot teacher adds one inference pass of x_u. Steps are compiled tf.functions of the trainers' own `train_step`; after a warm-up
-the methods are timed in interleaved rounds (so load from other processes hits all of them alike) and
-the median per method is reported. Goal: SSAT (FGSM) <= 3x a standard step.
+train CLI's default). "ssat (fgsm)" takes pseudo-labels from the current model, so one inference
+forward pass of x_u gives both the labels and the FGSM gradient; the CLI default's snapshot teacher
+adds one inference pass of x_u. Steps are compiled tf.functions of the trainers' own `train_step`;
+after a warm-up the methods are timed in interleaved rounds (so load from other processes hits all of
+them alike) and the median per method is reported. Goal: SSAT (FGSM) <= 3x a standard step.
+
+Design choices this measures: SSAT's update runs x and x_adv through two training-mode passes (each
+with its own BatchNorm batch statistics); the "joint forward" variant concatenates them into one pass
+(shared statistics, a different method) and was not faster on CPU. --jit (XLA) was much slower on CPU
+in TF 2.21, most of all for the PGD loops, so the trainers do not use it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ Sources of difference between 1 and 2 replicas, and how the test handles them:
 - Random eps: eps_min = eps_max, so FGSM is deterministic (SSAT's FGSM has no random start).
 - The confidence threshold keeps a different number of pseudo-labels on each replica, which checks
   that the adversarial loss is a masked mean over the global batch.
+- After step 1, FGSM's sign() and ReLU/max-pool ties turn rounding differences into discrete ones, so
+  later steps agree more loosely.
+A third pair of runs checks the in-graph snapshot teacher (teacher="snapshot") on both strategies.
+MultiWorkerMirroredStrategy uses the same replica-context code (all_reduce, per-replica means) but
+needs several processes and TF_CONFIG; it is not run here.
 """
 
 from __future__ import annotations
@@ -33,18 +38,12 @@ def _child(out_path: str) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
 
+    from medrobust.data.phantom import make_phantom
     from medrobust.models import build_classifier
     from medrobust.training import SSATTrainer
 
-    rng = np.random.default_rng(0)
-    try:
-        from medrobust.data.phantom import make_phantom
-        x, y = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=0)
-        x_u, _ = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=1)
-    except ImportError:
-        x = rng.uniform(0, 1, (GLOBAL_BATCH * STEPS, SIZE, SIZE, 1)).astype(np.float32)
-        x_u = rng.uniform(0, 1, x.shape).astype(np.float32)
-        y = rng.integers(0, 4, len(x))
+    x, y = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=0)
+    x_u, _ = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=1)
 
     def build(sync_bn: bool):
         keras.utils.set_random_seed(0)
@@ -73,8 +72,6 @@ def _child(out_path: str) -> None:
     kept_per_replica = split(tau)
 
     def dataset():
-        import tensorflow as tf
-
         return tf.data.Dataset.from_tensor_slices(((x, x_u), y)).batch(GLOBAL_BATCH, drop_remainder=True)
 
     results = {"kept_per_replica": kept_per_replica}
@@ -131,7 +128,7 @@ def _max_diff(a, b):
 
 def test_mirrored_matches_single_device_with_synchronized_batchnorm(results):
     single, mirrored = results["single_sync"], results["mirrored_sync"]
-    # Step 1 (replicas keep 5 and 3 pseudo-labels): the same loss and the same update up to rounding.
+    # Step 1 (the replicas keep different numbers of pseudo-labels): the same loss and update up to rounding.
     for part in ("loss", "labeled_ce", "adv_ce", "pseudo_kept"):
         np.testing.assert_allclose(mirrored["history"][part][0], single["history"][part][0], rtol=1e-5,
                                    err_msg=part)
