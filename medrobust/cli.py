@@ -45,15 +45,23 @@ def parse_bool(value, name: str) -> bool:
 
 
 def parse_floats(value, name: str) -> tuple[float, ...]:
-    """'0.001,0.003', (0.001, 0.003) (Fire parses commas into tuples) or 0.002 -> a tuple of floats."""
+    """'0.001,0.003', (0.001, 0.003) (Fire parses commas into tuples), 0.002 or '2/255' -> a tuple of floats."""
     items = value if isinstance(value, (tuple, list)) else str(value).split(",")
     try:
-        out = tuple(float(v) for v in items if str(v).strip() != "")
-    except ValueError:
+        out = tuple(_number(v) for v in items if str(v).strip() != "")
+    except (ValueError, ZeroDivisionError):
         raise UsageError(f"--{name} must be numbers separated by commas, got {value!r}") from None
     if not out:
         raise UsageError(f"--{name} is empty")
     return out
+
+
+def _number(text) -> float:
+    """A float, or a fraction such as 2/255 (how budgets are often quoted for 8-bit images)."""
+    if isinstance(text, str) and "/" in text:
+        numerator, denominator = text.split("/")
+        return float(numerator) / float(denominator)
+    return float(text)
 
 
 def parse_names(value, name: str, allowed: tuple[str, ...]) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from medrobust.io import atomic_save_model, atomic_write_json, read_json
 METHODS = ("ssat", "standard", "pgd_at", "trades")
 ATTACKS = ("fgsm", "pgd")
 STRATEGIES = ("none", "mirrored", "multiworker")
+LR_SCHEDULES = ("cosine", "constant")
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
 
@@ -28,6 +29,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
           image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float = 3.0,
           attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "small_cnn", width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
+          lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
           teacher: str | None = "snapshot", pretrain_epochs: float = 3.0, strategy: str = "none",
           detector_epochs: int = 10, target_fpr: float = 0.05, overwrite="false", tensorboard="false",
@@ -42,6 +44,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       eps: SSAT's per-sample FGSM/PGD budget range "min,max" in [0, 1] pixel scale (a single value = fixed).
       lam: weight of SSAT's adversarial pseudo-label loss.
       attack: fgsm | pgd, how SSAT crafts its adversaries (pgd uses --pgd-steps).
+      lr_schedule: cosine (Adam's learning rate decays to 0 over all epochs) | constant. The decay
+        also settles BatchNorm's moving statistics, so the final model is not a mid-swing snapshot.
       train_eps: the budget of PGD-AT and TRADES adversaries.
       beta: TRADES trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
@@ -57,6 +61,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     options.update(
         method=_choice(method, METHODS, "method"), attack=_choice(attack, ATTACKS, "attack"),
         strategy=_choice(strategy, STRATEGIES, "strategy"), eps=cli.parse_floats(eps, "eps"),
+        lr_schedule=_choice(lr_schedule, LR_SCHEDULES, "lr-schedule"),
         detector=cli.parse_bool(detector, "detector"), overwrite=cli.parse_bool(overwrite, "overwrite"),
         tensorboard=cli.parse_bool(tensorboard, "tensorboard"), progress=cli.parse_bool(progress, "progress"),
         data=str(data), out=str(out),
@@ -107,7 +112,7 @@ def _train(o: dict, out_dir: Path) -> dict:
         if o["method"] == "ssat":
             print(f"ssat: {options['pretrain_steps']} labeled-only steps, then lam {o['lam']} with pseudo-labels "
                   f"from {o['teacher'] if options['teacher'] is not None else 'the current model'}")
-        trainer.compile(optimizer=keras.optimizers.Adam(o["lr"]))
+        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(o, steps)))
         # BackupAndRestore needs built weights and optimizer slots to restore into.
         trainer(np.zeros((1, o["image_size"], o["image_size"], 1), np.float32))
         trainer.optimizer.build(classifier.trainable_variables)
@@ -168,6 +173,15 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
     return {}
 
 
+def learning_rate(o: dict, steps_per_epoch: int):
+    """Adam's learning rate: a float, or a cosine decay to 0 over every step of the run."""
+    import keras
+
+    if o.get("lr_schedule", "constant") == "constant":
+        return o["lr"]
+    return keras.optimizers.schedules.CosineDecay(o["lr"], decay_steps=o["epochs"] * steps_per_epoch)
+
+
 def make_strategy(name: str):
     import tensorflow as tf
 
@@ -226,6 +240,8 @@ def _check_numbers(o: dict) -> None:
     for name in ("epochs", "image_size", "batch_size", "pgd_steps", "detector_epochs"):
         if int(o[name]) < 1:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
+    if not o["lr"] > 0:
+        raise cli.UsageError(f"--lr must be > 0, got {o['lr']}")
     if o["lam"] < 0 or o["pretrain_epochs"] < 0:
         raise cli.UsageError(f"--lam and --pretrain-epochs must be >= 0, got {o['lam']} and {o['pretrain_epochs']}")
     if o["method"] == "ssat" and o["teacher"] == "snapshot" and o["pretrain_epochs"] == 0:

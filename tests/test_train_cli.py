@@ -79,12 +79,31 @@ def test_rerun_with_other_options_is_refused_in_one_line(standard_run):
     (["--eps", "0.1,abc"], "--eps"),
     (["--data", "/no/such/folder"], "no such file or folder"),
     (["--detector", "maybe"], "--detector must be true or false"),
+    (["--lr-schedule", "step"], "--lr-schedule must be one of"),
+    (["--eps", "1/0"], "--eps"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, words):
     result = run_cli(*args, "--out", str(tmp_path / "r"))
     assert result.returncode == 2, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error:") and result.stderr.strip().count("\n") == 0
+
+
+def test_budgets_may_be_written_as_fractions_of_255():
+    from medrobust import cli
+
+    assert cli.parse_floats("0.001,2/255", "eps") == (0.001, 2 / 255)
+
+
+def test_cosine_schedule_decays_to_zero_over_the_whole_run():
+    from medrobust.train import learning_rate
+
+    options = {"lr": 1e-3, "epochs": 4, "lr_schedule": "cosine"}
+    schedule = learning_rate(options, steps_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(1e-3)
+    assert float(schedule(20)) == pytest.approx(5e-4, rel=1e-3)  # half-way down the cosine
+    assert float(schedule(40)) == pytest.approx(0.0, abs=1e-9)
+    assert learning_rate({**options, "lr_schedule": "constant"}, 10) == 1e-3
 
 
 def test_help_lists_the_contract_options():
