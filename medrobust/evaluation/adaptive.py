@@ -28,8 +28,10 @@ def margin_term(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     return -tf.nn.relu(true - other)
 
 
-def joint_objective(classifier, detector, weight: float, slack: float = 0.0):
-    """(objective_fn, success_fn) for medrobust's PGD/APGD `objective_fn=`/`success_fn=` options."""
+def joint_objective(classifier, detector, weight, slack: float = 0.0):
+    """(objective_fn, success_fn) for medrobust's PGD/APGD `objective_fn=`/`success_fn=` options.
+
+    weight may be a float or a tf.Variable (one compiled attack then serves a whole weight sweep)."""
     threshold = tf.constant(detector.threshold, tf.float32)
 
     def objective(x_adv, y):

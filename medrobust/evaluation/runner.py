@@ -30,6 +30,10 @@ class SystemEvaluator:
         self.clean_correct = self.clean_probs.argmax(1) == y
         self.clean_scores = self._scores(x)
         self.curves: dict = {}  # ROC points for the plots: (attack, eps_key, adaptive?) -> (fpr, tpr)
+        # One attack object per name (and one adaptive one, whose weight is a variable), so each is
+        # traced once for the whole sweep instead of once per budget and weight.
+        self._attacks: dict = {}
+        self._weight = None
 
     def clean_report(self) -> dict:
         out = clinical_metrics(self.y, self.clean_probs)
@@ -42,7 +46,7 @@ class SystemEvaluator:
 
     def attack_entry(self, name: str, eps: float, adaptive: bool = False,
                      weights: tuple[float, ...] = DEFAULT_WEIGHTS) -> dict:
-        attack = make_attack(name, self.classifier, self.settings)
+        attack = self._attack(name)
         x_adv = attack_batches(attack, self.x, self.y, eps, self.batch_size, self.progress, desc=f"{name} eps={eps:g}")
         entry, silent = self._figures(x_adv, curve=(name, eps_key(eps), False))
         if adaptive and self.detector is not None and name in GRADIENT_ATTACKS:
@@ -54,8 +58,8 @@ class SystemEvaluator:
         silent_any = plain_silent.copy()
         per_weight, worst_risk, worst_x, worst_w = [], -1.0, None, None
         for w in weights:
-            objective, success = joint_objective(self.classifier, self.detector, w)
-            attack = make_attack(name, self.classifier, self.settings, objective_fn=objective, success_fn=success)
+            attack = self._attack(name, adaptive=True)
+            self._weight.assign(w)
             x_adv = attack_batches(attack, self.x, self.y, eps, self.batch_size, self.progress,
                                    desc=f"adaptive {name} eps={eps:g} w={w:g}")
             figures, silent = self._figures(x_adv)
@@ -69,6 +73,19 @@ class SystemEvaluator:
         summary.update(system_risk=float(silent_any.sum() / n) if n else None, worst_weight=worst_w,
                        per_weight=per_weight)
         return summary
+
+    def _attack(self, name: str, adaptive: bool = False):
+        if (name, adaptive) not in self._attacks:
+            hooks = {}
+            if adaptive:
+                import tensorflow as tf
+
+                if self._weight is None:
+                    self._weight = tf.Variable(0.0, trainable=False, name="adaptive_weight")
+                objective, success = joint_objective(self.classifier, self.detector, self._weight)
+                hooks = {"objective_fn": objective, "success_fn": success}
+            self._attacks[name, adaptive] = make_attack(name, self.classifier, self.settings, **hooks)
+        return self._attacks[name, adaptive]
 
     def _figures(self, x_adv: np.ndarray, curve: tuple | None = None) -> tuple[dict, np.ndarray]:
         """Report figures for one set of adversarial images, and which images failed silently."""
