@@ -72,6 +72,24 @@ def test_autoencoder_is_small_and_keeps_the_image_shape():
     assert 5_000 < build_autoencoder(28).count_params() < 60_000
 
 
+def test_conformal_threshold_keeps_false_alarms_at_or_under_the_target():
+    from medrobust.detection.scores import threshold_at_fpr
+
+    scores = np.arange(1.0, 100.0)  # n = 99: the ceil(100 * 0.9) = 90th smallest
+    assert threshold_at_fpr(scores, 0.1) == 90.0
+    assert threshold_at_fpr(np.arange(19.0), 0.05) == 18.0  # too few for the guarantee: the largest
+    with pytest.raises(ValueError):
+        threshold_at_fpr(np.array([1.0, np.nan]), 0.05)
+    # Over many calibration sets of 40 clean scores, fresh clean scans are flagged at most 5% of the
+    # time; the plain empirical quantile flags more (about 5% + 1/n).
+    rng = np.random.default_rng(0)
+    calibration, fresh = rng.normal(size=(4000, 40)), rng.normal(size=(4000, 200))
+    conformal = np.array([threshold_at_fpr(c, 0.05) for c in calibration])
+    plain = np.quantile(calibration, 0.95, axis=1)
+    assert (fresh > conformal[:, None]).mean() <= 0.05
+    assert (fresh > plain[:, None]).mean() > 0.05
+
+
 def test_score_functions_match_their_definitions():
     from medrobust.detection import scores as S
 

@@ -23,8 +23,8 @@ log scale) and combined into `combined` by the rule `combination`:
 - "sum": sum of the four z-scores;
 - "max_all": max of the four z-scores.
 
-A flag is raised when combined > threshold, the (1 - target_fpr) quantile of combined on clean
-validation images. Everything in the score is TensorFlow/Keras ops: `score_tensor` is differentiable
+A flag is raised when combined > threshold, the split-conformal (1 - target_fpr) quantile of
+combined on clean validation images (scores.threshold_at_fpr: at most target_fpr false alarms). Everything in the score is TensorFlow/Keras ops: `score_tensor` is differentiable
 (adaptive attacks) and `score_model()` is a plain Keras graph (TFLite export).
 """
 
@@ -153,9 +153,8 @@ class Detector:
             self.config["anomaly"] = list(S.location_scale(excess))
         self._compiled = None
         combined = self.score(x_val)["combined"]
-        q = 1.0 - target_fpr
-        self.config["threshold"] = float(np.quantile(combined, q))
-        self.config["part_thresholds"] = {name: float(np.quantile(parts[name], q)) for name in PARTS}
+        self.config["threshold"] = S.threshold_at_fpr(combined, target_fpr)
+        self.config["part_thresholds"] = {name: S.threshold_at_fpr(parts[name], target_fpr) for name in PARTS}
         self.config["n_val"] = int(len(x_val))
         self.config["val_fpr"] = float(np.mean(combined > self.config["threshold"]))
         return self

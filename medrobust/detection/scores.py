@@ -10,6 +10,8 @@ helpers at the bottom and stored as plain arrays.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from keras import ops
 
@@ -97,6 +99,21 @@ def fit_class_gaussians(features: np.ndarray, labels: np.ndarray, num_classes: i
     whitening = np.linalg.cholesky(precision)
     return {"means": means.astype(np.float32), "precision": precision.astype(np.float32),
             "whitening": whitening.astype(np.float32), "shrinkage": np.asarray(shrinkage, np.float32)}
+
+
+def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float) -> float:
+    """The threshold that flags (score > threshold) at most target_fpr of clean scans, as a guarantee.
+
+    It is the ceil((n + 1)(1 - target_fpr))-th smallest of n clean calibration scores (the split-
+    conformal quantile, Vovk et al. 2005): for a new clean scan exchangeable with them,
+    P(flagged) <= target_fpr over calibration set and scan. The plain empirical quantile can miss it by
+    up to 1/n. With too few scores (n + 1 < 1 / target_fpr) it is the largest score, and misses it.
+    """
+    scores = np.sort(np.asarray(clean_scores, np.float64).ravel())
+    if len(scores) == 0 or not np.all(np.isfinite(scores)):
+        raise ValueError("need at least one finite clean score to set a threshold")
+    k = math.ceil((len(scores) + 1) * (1.0 - float(target_fpr)))
+    return float(scores[min(k, len(scores)) - 1])
 
 
 def location_scale(values: np.ndarray) -> tuple[float, float]:
