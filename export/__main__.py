@@ -6,7 +6,8 @@ from medrobust import cli
 
 
 def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str | None = None,
-           calibration: int = 1000, int8_scope: str = "mixed", opset: int = 17, progress="true") -> dict:
+           calibration: int = 1000, int8_scope: str = "mixed", opset: int = 17, recalibrate="true",
+           progress="true") -> dict:
     """Export a trained run as an edge bundle: screening.tflite (detector + classifier fused, threshold
     baked in), classifier.tflite, detector.tflite, *.onnx with --onnx true, and manifest.json.
 
@@ -19,11 +20,13 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
       calibration: number of int8 calibration images.
       int8_scope: mixed (default: int8 layers; float32 first layer and score arithmetic) | full (full-integer).
       opset: ONNX opset (>= 17).
+      recalibrate: set the threshold of quantized TFLite models again on their own clean validation
+        scores (true by default; quantization shifts the anomaly score).
     """
     from export.bundle import bundle as run_bundle
 
     return run_bundle(run, out, quantize=quantize, onnx=onnx, data=data, calibration=calibration,
-                      int8_scope=int8_scope, opset=opset, progress=progress)
+                      int8_scope=int8_scope, opset=opset, recalibrate=recalibrate, progress=progress)
 
 
 def verify(bundle: str, data: str | None = None, limit: int | None = None, run: str | None = None,

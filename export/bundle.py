@@ -41,7 +41,8 @@ _EXPORT_SUFFIXES = (".tflite", ".onnx")
 
 
 def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str | None = None,
-           calibration: int = 1000, int8_scope: str = "mixed", opset: int = 17, progress="true") -> dict:
+           calibration: int = 1000, int8_scope: str = "mixed", opset: int = 17, recalibrate="true",
+           progress="true") -> dict:
     """Export a trained run as an edge bundle.
 
     Args:
@@ -56,6 +57,9 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
         the score/probability arithmetic) | full (full-integer, every op int8, for integer-only
         accelerators).
       opset: ONNX opset (>= 17).
+      recalibrate: for quantized TFLite models, set the detector threshold again on the exported
+        model's own scores of the clean validation split (quantization shifts the scores, and with the
+        Keras threshold the edge model would refer more clean scans than the target rate).
     """
     quantize = str(quantize).lower()
     if quantize not in QUANTIZE:
@@ -69,6 +73,7 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
     verbose = cli.parse_bool(progress, "progress")
     return export_bundle(run, out, quantize=quantize, onnx=cli.parse_bool(onnx, "onnx"), data=data,
                          calibration=int(calibration), int8_scope=str(int8_scope), opset=int(opset),
+                         recalibrate=cli.parse_bool(recalibrate, "recalibrate"),
                          log=(lambda msg: print(msg, flush=True)) if verbose else (lambda msg: None))
 
 
@@ -98,10 +103,12 @@ def load_detector(run_dir: Path, classifier):
 
 
 def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=None, calibration: int = 1000,
-                  int8_scope: str = "mixed", opset: int = 17, detector=None, log=print) -> dict:
+                  int8_scope: str = "mixed", opset: int = 17, recalibrate: bool = True, detector=None,
+                  log=print) -> dict:
     """The work behind `bundle`; returns the manifest. `detector` may be given (an object with
     `.threshold` and `.score_model()`) instead of loading run/detector/; `data` may be a data name
-    or path, an OCTData, or an array of calibration images."""
+    or path, an OCTData, or an array of calibration images (then there is no validation split and
+    the Keras threshold is kept)."""
     run_dir, out_dir = Path(run), Path(out)
     config = check_run(run_dir, need_detector=detector is None)
 
@@ -124,9 +131,15 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
     score_source = screening.score_function(detector, image_size)[2]
     log(f"detector: threshold {threshold:.6g}; score graph from {score_source}")
 
-    calib, calib_source = None, None
-    if quantize == "int8":
-        calib, calib_source = _calibration_images(data, config, image_size, calibration, log)
+    calib, calib_source, x_val = None, None, None
+    if quantize == "int8" or (recalibrate and quantize != "none"):
+        dataset = _dataset(data, config, image_size, log)
+        if quantize == "int8":
+            calib, calib_source = _calibration_images(dataset, image_size, calibration, int(config.get("seed", 0)))
+        if recalibrate and quantize != "none":
+            x_val = _validation_images(dataset, image_size, log)
+    target_fpr = float(getattr(detector, "target_fpr", 0.05))
+    thresholds = {}
 
     models = {
         "screening": screening.screening_model(classifier, detector, threshold),
@@ -151,8 +164,13 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
         log(f"[{i}/{len(files)}] {file_name}: converting ({precision})...")
         if kind == "tflite":
             content = converters.to_tflite(models[name], quantize, calib, int8_scope)
+            calibrated = {}
+            if x_val is not None and name in ("screening", "detector"):
+                content, calibrated = _recalibrate(content, name, classifier, detector, threshold, x_val, target_fpr,
+                                                   quantize, calib, int8_scope, log)
+                thresholds[name] = calibrated["threshold"]
             details = {"format": "tflite", "precision": precision, **converters.tflite_io_details(content),
-                       "op_types": converters.tflite_op_summary(content)}
+                       "op_types": converters.tflite_op_summary(content), **calibrated}
         elif kind == "onnx":
             content = onnx_float[name] = converters.to_onnx(models[name], opset)
             details = {"format": "onnx", "precision": precision, "opset": opset, **_onnx_io(content)}
@@ -164,8 +182,16 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
         entries[file_name] = {"model": name, **details}
         log(f"[{i}/{len(files)}] {file_name}: {len(content) / 1024:.1f} KiB in {time.time() - t0:.1f} s")
 
-    manifest = _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source, threshold,
-                         entries, onnx, opset)
+    for file_name, entry in entries.items():  # every file that scores says which threshold its flags use
+        if entry["model"] in ("screening", "detector") and "threshold" not in entry:
+            entry["threshold"] = threshold
+    manifest = _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source,
+                         thresholds.get("screening", threshold), entries, onnx, opset)
+    manifest["detector"]["keras_threshold"] = threshold
+    manifest["detector"]["threshold_source"] = (
+        f"recalibrated on screening.tflite's own scores of {len(x_val)} clean validation images, "
+        f"target false-alarm rate {target_fpr:g}" if "screening" in thresholds
+        else "the Keras detector's threshold (clean validation split of the run)")
     manifest["detector"]["score_graph"] = score_source
     atomic_write_json(out_dir / MANIFEST, manifest)
     log(f"wrote {out_dir} ({len(files)} models + {MANIFEST}) in {time.time() - started:.1f} s")
@@ -186,25 +212,68 @@ def _clear_old_bundle(out_dir: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def _calibration_images(data, config: dict, image_size: int, n: int, log):
+def _dataset(data, config: dict, image_size: int, log):
+    """An OCTData (loaded from a name or path, default the run's own --data) or a given image array."""
     import numpy as np
 
-    from export.converters import representative_batches
-
-    seed = int(config.get("seed", 0))
     if isinstance(data, np.ndarray):
-        return representative_batches(data, n, seed), "given images"
+        return data
     if data is None or isinstance(data, str):
         from medrobust.data import load_data
 
         name = data or config.get("data", "auto")
-        log(f"calibration data: {name} (train split)")
-        data = load_data(name, image_size=image_size, seed=seed)
+        log(f"export data: {name} (int8 calibration: train split; threshold: validation split)")
+        data = load_data(name, image_size=image_size, seed=int(config.get("seed", 0)))
     x = data["train"][0]
     if x.shape[1:] != (image_size, image_size, 1):
-        raise cli.UsageError(f"calibration images are {x.shape[1:]}, the model takes ({image_size}, {image_size}, 1)")
-    source = f"train split of {data.source}" + (" (SYNTHETIC phantom)" if data.synthetic else "")
-    return representative_batches(x, n, seed), source
+        raise cli.UsageError(f"export images are {x.shape[1:]}, the model takes ({image_size}, {image_size}, 1)")
+    return data
+
+
+def _calibration_images(dataset, image_size: int, n: int, seed: int):
+    import numpy as np
+
+    from export.converters import representative_batches
+
+    if isinstance(dataset, np.ndarray):
+        return representative_batches(dataset, n, seed), "given images"
+    source = f"train split of {dataset.source}" + (" (SYNTHETIC phantom)" if dataset.synthetic else "")
+    return representative_batches(dataset["train"][0], n, seed), source
+
+
+def _validation_images(dataset, image_size: int, log):
+    import numpy as np
+
+    if isinstance(dataset, np.ndarray) or "val" not in dataset.splits or len(dataset["val"][1]) < 20:
+        log("threshold: no validation split of 20+ images; the exported models keep the Keras threshold")
+        return None
+    return dataset["val"][0]
+
+
+def _recalibrate(content: bytes, name: str, classifier, detector, keras_threshold: float, x_val, target_fpr: float,
+                 quantize: str, calib, int8_scope: str, log) -> tuple[bytes, dict]:
+    """The exported model's own threshold at target_fpr on clean validation scores; screening.tflite is
+    converted again with it baked in. Returns (model bytes, manifest details)."""
+    import numpy as np
+
+    from medrobust.detection.scores import threshold_at_fpr
+    from export import converters, screening
+
+    scores = converters.run_tflite(content, x_val)[OUTPUT_SCORE]
+    threshold = threshold_at_fpr(scores, target_fpr)
+    keras_fpr = float(np.mean(scores > keras_threshold))
+    if name == "screening" and threshold != keras_threshold:
+        content = converters.to_tflite(screening.screening_model(classifier, detector, threshold), quantize, calib,
+                                       int8_scope)
+        out = converters.run_tflite(content, x_val)
+        if not np.array_equal(out[OUTPUT_FLAG] > 0.5, out[OUTPUT_SCORE] > threshold):
+            raise RuntimeError("screening.tflite: the re-exported flag does not match its own threshold")
+        scores = out[OUTPUT_SCORE]
+    log(f"{name}.tflite: threshold {threshold:.6g} on its own scores of {len(x_val)} clean validation images "
+        f"(Keras {keras_threshold:.6g}: would flag {keras_fpr:.3f} of them; target {target_fpr:g})")
+    return content, {"threshold": threshold, "threshold_calibration": {
+        "images": int(len(x_val)), "target_fpr": target_fpr, "val_fpr": float(np.mean(scores > threshold)),
+        "val_fpr_with_keras_threshold": keras_fpr}}
 
 
 def _onnx_io(content: bytes) -> dict:

@@ -80,7 +80,8 @@ def verify_bundle(bundle, data=None, limit: int | None = None, run=None, eps: fl
     classifier = load_classifier(run_dir / "classifier.keras")
     if detector is None:
         detector = load_detector(run_dir, classifier)
-    threshold = float(manifest["threshold"])
+    # The Keras reference flags at the Keras threshold; each exported file at its own (recalibrated) one.
+    threshold = float(manifest.get("detector", {}).get("keras_threshold", manifest["threshold"]))
 
     x, y, source = _test_data(data, config, image_size, limit, seed, log)
     log(f"test data: {source}: {len(y)} images")
@@ -107,8 +108,10 @@ def verify_bundle(bundle, data=None, limit: int | None = None, run=None, eps: fl
         run_fn = converters.run_tflite if name.endswith(".tflite") else converters.run_onnx
         log(f"running {name}...")
         clean, adv = run_fn(content, x), run_fn(content, x_adv)
+        own = float(entry.get("threshold", manifest["threshold"]))
         row = {"model": entry.get("model"), "format": entry.get("format"), "precision": entry.get("precision"),
-               **_compare(clean, adv, ref, y, threshold, keras)}
+               **({"threshold": own} if entry.get("model") in ("screening", "detector") else {}),
+               **_compare(clean, adv, ref, y, own, keras, threshold)}
         models[name] = row
         if name == manifest["models"]["classifier"]["file"]:
             exported_classifier = content
@@ -124,7 +127,7 @@ def verify_bundle(bundle, data=None, limit: int | None = None, run=None, eps: fl
     report = {
         "bundle": str(bundle_dir.resolve()), "source_run": str(run_dir.resolve()), "data": source,
         "synthetic_data": _is_synthetic(source), "n_images": int(len(y)), "eps": eps, "pgd_steps": pgd_steps,
-        "threshold": threshold, "keras": keras, "models": models, "robust_accuracy": robust,
+        "threshold": float(manifest["threshold"]), "keras_threshold": threshold, "keras": keras, "models": models, "robust_accuracy": robust,
         "seconds": round(time.time() - started, 1),
     }
     log(format_table(report))
@@ -204,7 +207,8 @@ def _summary(clean: dict, adv: dict, y: np.ndarray, threshold: float) -> dict:
     return out
 
 
-def _compare(clean: dict, adv: dict, ref: dict, y: np.ndarray, threshold: float, keras: dict) -> dict:
+def _compare(clean: dict, adv: dict, ref: dict, y: np.ndarray, threshold: float, keras: dict,
+             keras_threshold: float) -> dict:
     row = _summary(clean, adv, y, threshold)
     pred, pred_adv = _preds(clean), _preds(adv)
     if pred is not None:
@@ -218,7 +222,7 @@ def _compare(clean: dict, adv: dict, ref: dict, y: np.ndarray, threshold: float,
                               else row["auroc"] - keras["auroc"])
         flags = np.r_[clean[OUTPUT_FLAG] > 0.5 if OUTPUT_FLAG in clean else clean[OUTPUT_SCORE] > threshold,
                       adv[OUTPUT_FLAG] > 0.5 if OUTPUT_FLAG in adv else adv[OUTPUT_SCORE] > threshold]
-        keras_flags = np.r_[ref["clean"][OUTPUT_SCORE] > threshold, ref["adv"][OUTPUT_SCORE] > threshold]
+        keras_flags = np.r_[ref["clean"][OUTPUT_SCORE] > keras_threshold, ref["adv"][OUTPUT_SCORE] > keras_threshold]
         row["flag_agreement"] = float(np.mean(flags == keras_flags))
     row["max_abs_diff"] = {k: float(np.max(np.abs(np.asarray(v, np.float64) - ref["clean"][k])))
                            for k, v in clean.items() if k in ref["clean"] and k != OUTPUT_FLAG and np.size(v)}
@@ -269,15 +273,16 @@ def format_table(report: dict) -> str:
     k = report["keras"]
     lines = [f"parity on {report['n_images']} images ({report['data']}); PGD eps {report['eps']:g}",
              f"keras float32: accuracy {_fmt(k.get('accuracy'), True)}%, PGD robust accuracy "
-             f"{_fmt(k.get('robust_accuracy_pgd'), True)}%, detector AUROC {_fmt(k.get('auroc'))}",
+             f"{_fmt(k.get('robust_accuracy_pgd'), True)}%, detector AUROC {_fmt(k.get('auroc'))}, clean scans "
+             f"referred {_fmt(k.get('clean_flag_rate'), True)}%",
              f"{'file':<24}{'prec':>8}{'top-1 agr%':>11}{'acc%':>7}{'Δacc':>7}{'AUROC':>7}{'ΔAUROC':>8}"
-             f"{'flag agr%':>10}{'max|Δ|':>10}"]
+             f"{'flag agr%':>10}{'referred%':>10}{'max|Δ|':>10}"]
     for name, r in report["models"].items():
         diff = max(r["max_abs_diff"].values()) if r.get("max_abs_diff") else None
         lines.append(f"{name:<24}{str(r.get('precision')):>8}{_fmt(r.get('top1_agreement'), True):>11}"
                      f"{_fmt(r.get('accuracy'), True):>7}{_fmt(r.get('accuracy_delta'), True, True):>7}"
                      f"{_fmt(r.get('auroc')):>7}{_fmt(r.get('auroc_delta'), signed=True):>8}"
-                     f"{_fmt(r.get('flag_agreement'), True):>10}"
+                     f"{_fmt(r.get('flag_agreement'), True):>10}{_fmt(r.get('clean_flag_rate'), True):>10}"
                      f"{(f'{diff:.2e}' if diff is not None else '-'):>10}")
     rb = report.get("robust_accuracy", {})
     if rb.get("file"):

@@ -1,6 +1,7 @@
 """Edge export: converters round-trip, bundle + manifest, parity with Keras (phantom and real scans).
 
-One tiny run is trained for the whole module (width-8 small CNN, 2 epochs on the phantom); it gets
+One small run is trained for the whole module (width-16 small CNN, 3 epochs on the phantom: a
+weaker model has so many near-tie predictions that int8 rounding flips more than 2%); it gets
 the real UAD detector when medrobust.detection provides one, else a stand-in built the same way
 (an autoencoder whose reconstruction MSE is the combined score).
 """
@@ -75,7 +76,7 @@ def phantom():
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "run"
     cmd = [sys.executable, "-m", "medrobust.train", "--data", "phantom", "--method", "standard",
-           "--label-fraction", "1.0", "--epochs", "2", "--width", "8", "--out", str(out), "--progress", "false",
+           "--label-fraction", "1.0", "--epochs", "3", "--width", "16", "--out", str(out), "--progress", "false",
            "--detector", "true" if real_detector_available() else "false"]
     if real_detector_available():
         cmd += ["--detector-epochs", "1"]
@@ -230,7 +231,15 @@ def test_bundle_files_and_manifest(bundle_dir, run_dir, keras_models):
     assert manifest["input"]["shape"] == [None, IMAGE_SIZE, IMAGE_SIZE, 1]
     assert manifest["input"]["range"] == [0.0, 1.0] and manifest["input"]["dtype"] == "float32"
     assert manifest["preprocessing"]["module"] == "medrobust.data.images"
-    assert manifest["threshold"] == pytest.approx(float(keras_models[1].threshold))
+    # int8 shifts the anomaly score: the edge threshold is set again on the exported model's own clean
+    # validation scores; the Keras one is kept beside it, and every scoring file names its threshold.
+    assert manifest["detector"]["keras_threshold"] == pytest.approx(float(keras_models[1].threshold))
+    screening_entry = manifest["files"]["screening.tflite"]
+    assert manifest["threshold"] == screening_entry["threshold"]
+    calibration = screening_entry["threshold_calibration"]
+    assert calibration["val_fpr"] <= calibration["target_fpr"] and calibration["images"] >= 20
+    for name, entry in manifest["files"].items():
+        assert ("threshold" in entry) == (entry["model"] in ("screening", "detector")), name
     assert manifest["quantization"]["mode"] == "int8"
     assert manifest["quantization"]["calibration"]["images"] > 0
     assert manifest["quantization"]["tflite"]["io_dtype"] == "float32"
@@ -290,8 +299,14 @@ def _check_parity(report: dict) -> None:
         assert row.get("top1_agreement", 1.0) == 1.0
 
 
-def test_parity_on_phantom(parity, bundle_dir, phantom):
+def test_parity_on_phantom(parity, bundle_dir, phantom, report):
     _check_parity(parity)
+    # With its recalibrated threshold the int8 screening model refers about as many clean scans as Keras.
+    keras_rate = parity["keras"]["clean_flag_rate"]
+    edge_rate = parity["models"]["screening.tflite"]["clean_flag_rate"]
+    report(f"clean scans referred on the phantom test split: Keras {keras_rate:.3f}, int8 screening.tflite "
+           f"{edge_rate:.3f}; flag agreement {parity['models']['screening.tflite']['flag_agreement']:.3f} [SYNTHETIC]")
+    assert abs(edge_rate - keras_rate) <= 0.03
     on_disk = json.loads((bundle_dir / "parity.json").read_text())
     assert on_disk["n_images"] == len(phantom["test"][1]) and set(on_disk["models"]) == set(parity["models"])
     robust = parity["robust_accuracy"]
