@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 
 
-def _time(name: str, fn, repeats: int) -> float:
+def median_seconds(name: str, fn, repeats: int) -> float:
     print(f"timing {name} ...", file=sys.stderr, flush=True)
     fn()  # warm-up: tracing / set-up excluded
     times = []
@@ -39,6 +39,28 @@ def _time(name: str, fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def art_classifier(model, input_shape):
+    """IBM ART's wrapper of a Keras logits model on [0, 1] images."""
+    import keras
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from art.estimators.classification import TensorFlowV2Classifier
+    return TensorFlowV2Classifier(model, nb_classes=int(model.output_shape[-1]), input_shape=input_shape,
+                                  loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                                  clip_values=(0.0, 1.0))
+
+
+def art_apgd(classifier, eps: float, steps: int, batch_size: int):
+    """ART's APGD-CE, one start, as AutoAttack configures it (initial step 2 * eps)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from art.attacks.evasion import AutoProjectedGradientDescent
+    return AutoProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps,
+                                        nb_random_init=1, batch_size=batch_size, loss_type="cross_entropy",
+                                        verbose=False)
 
 
 def main() -> None:
@@ -79,30 +101,26 @@ def main() -> None:
     ours_pgd = PGD(model, steps=10, early_stop=False)
     ours_apgd = APGD(model, steps=100, loss="ce", early_stop=False)
     results: dict[str, float] = {}
-    results["ours PGD-10"] = _time("ours PGD-10", lambda: ours_pgd(xt, yt, eps).numpy(), args.repeats)
-    results["eager 10 gradients"] = _time("eager 10 gradients", eager_loop, args.repeats)
-    results["ours APGD-100"] = _time("ours APGD-100", lambda: ours_apgd(xt, yt, eps).numpy(), args.repeats)
+    results["ours PGD-10"] = median_seconds("ours PGD-10", lambda: ours_pgd(xt, yt, eps).numpy(), args.repeats)
+    results["eager 10 gradients"] = median_seconds("eager 10 gradients", eager_loop, args.repeats)
+    results["ours APGD-100"] = median_seconds("ours APGD-100", lambda: ours_apgd(xt, yt, eps).numpy(), args.repeats)
     if args.jit:
         jit_pgd = PGD(model, steps=10, early_stop=False, jit_compile=True)
         jit_apgd = APGD(model, steps=100, loss="ce", early_stop=False, jit_compile=True)
-        results["ours PGD-10 (XLA)"] = _time("ours PGD-10 (XLA)", lambda: jit_pgd(xt, yt, eps).numpy(), args.repeats)
-        results["ours APGD-100 (XLA)"] = _time("ours APGD-100 (XLA)", lambda: jit_apgd(xt, yt, eps).numpy(),
+        results["ours PGD-10 (XLA)"] = median_seconds("ours PGD-10 (XLA)", lambda: jit_pgd(xt, yt, eps).numpy(), args.repeats)
+        results["ours APGD-100 (XLA)"] = median_seconds("ours APGD-100 (XLA)", lambda: jit_apgd(xt, yt, eps).numpy(),
                                                args.repeats)
     if not args.skip_art:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import art
-            from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescent
-            from art.estimators.classification import TensorFlowV2Classifier
-        classifier = TensorFlowV2Classifier(model, nb_classes=int(model.output_shape[-1]), input_shape=x.shape[1:],
-                                            loss_object=loss_object, clip_values=(0.0, 1.0))
+            from art.attacks.evasion import ProjectedGradientDescent
+        classifier = art_classifier(model, x.shape[1:])
         art_pgd = ProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=0.25 * eps, max_iter=10,
                                            num_random_init=1, batch_size=n, verbose=False)
-        art_apgd = AutoProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=100,
-                                                nb_random_init=1, batch_size=n, loss_type="cross_entropy",
-                                                verbose=False)
-        results["ART PGD-10"] = _time("ART PGD-10", lambda: art_pgd.generate(x, y), args.repeats)
-        results["ART APGD-100"] = _time("ART APGD-100", lambda: art_apgd.generate(x, y), args.repeats)
+        art_apgd100 = art_apgd(classifier, eps, 100, n)
+        results["ART PGD-10"] = median_seconds("ART PGD-10", lambda: art_pgd.generate(x, y), args.repeats)
+        results["ART APGD-100"] = median_seconds("ART APGD-100", lambda: art_apgd100.generate(x, y), args.repeats)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}"

@@ -3,8 +3,10 @@
 python benchmarks/evaluate.py [--run RUN] [--n 1000] [--attacks fgsm,pgd,apgd,cw,square]
 
 Without --run it trains a quick standard system (small CNN + UAD) on the SYNTHETIC phantom first (not
-timed). Prints the wall time of each attack's sweep and the total, from one run on this machine's CPU.
-APGD-100 throughput against IBM ART's APGD is printed by benchmarks/attacks.py.
+timed). Prints the wall time of each attack's sweep and the total, from one run on this machine's CPU,
+then APGD-CE-100 throughput on the same classifier against IBM ART's AutoProjectedGradientDescent
+(one start each, early stopping off in ours so both do every step on every image; one warm-up call
+each, then the median of --repeats calls), with both robust accuracies as a sanity check.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def main() -> None:
     parser.add_argument("--eps", default="0.001,0.002,0.004,0.008")
     parser.add_argument("--attacks", default="fgsm,pgd,apgd,cw,square")
     parser.add_argument("--adaptive", default="true")
+    parser.add_argument("--art-images", type=int, default=256, help="images for the APGD vs ART timing (0 = skip)")
+    parser.add_argument("--art-eps", type=float, default=0.004)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     run = Path(args.run) if args.run else _quick_run()
@@ -58,6 +63,35 @@ def main() -> None:
     for name, seconds in timings.items():
         print(f"  {name:32s} {seconds:8.1f} s")
     print(f"  {'total':32s} {total:8.1f} s  ({args.n * len(args.eps.split(',')) / total:.1f} image-budgets/s)")
+    if args.art_images:
+        apgd_against_art(clf, x[:args.art_images], y[:args.art_images], args.art_eps, args.repeats)
+
+
+def apgd_against_art(model, x, y, eps: float, repeats: int) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from attacks import art_apgd, art_classifier, median_seconds
+    from medrobust.attacks import APGD
+
+    ours = APGD(model, steps=100, loss="ce", early_stop=False)
+    theirs = art_apgd(art_classifier(model, x.shape[1:]), eps, 100, len(x))
+    adv = {}
+    xt, yt = tf.constant(x), tf.constant(y, tf.int32)
+
+    def run_ours():
+        adv["medrobust"] = ours(xt, yt, eps).numpy()
+
+    def run_art():
+        adv["ART"] = theirs.generate(x, y)
+
+    seconds = {"medrobust": median_seconds("medrobust APGD-100", run_ours, repeats),
+               "ART": median_seconds("ART APGD-100", run_art, repeats)}
+    print(f"APGD-CE-100 on the same classifier, {len(x)} images, eps {eps:g} (median of {repeats} calls after a warm-up):")
+    for name, s in seconds.items():
+        accuracy = float(np.mean(np.argmax(model.predict(adv[name], verbose=0), 1) == y))
+        print(f"  {name:10s} {s:7.2f} s  {len(x) / s:7.1f} images/s  robust accuracy {accuracy:.3f}")
+    print(f"  throughput ratio medrobust / ART: {seconds['ART'] / seconds['medrobust']:.2f}x")
 
 
 def _quick_run() -> Path:
