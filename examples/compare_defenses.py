@@ -11,11 +11,16 @@ SSAT+UAD rows are also attacked adaptively (classifier and detector together, wo
 trade-off weights). It writes to --results: README.md (the tables, the command, data and machine),
 results.json and two plots. Finished runs under --out are reused, so an interrupted comparison resumes.
 On the phantom every figure is SYNTHETIC: it shows the code works, not how a model behaves on real OCT.
+
+Ablations use --train-option, e.g. SSAT labelling itself (the paper's variant, no snapshot teacher):
+    python examples/compare_defenses.py --methods ssat --fractions 0.1 --detector-for none \
+        --train-option teacher=none --out runs/ssat_selflabel --results docs/ssat_selflabel
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--fractions", default="0.1,1.0", help="label fractions every method trains at")
     parser.add_argument("--methods", default="standard,pgd_at,trades,ssat")
-    parser.add_argument("--detector-for", default="ssat", help="methods that also get the UAD detector ('all' = every one)")
+    parser.add_argument("--detector-for", default="ssat", help="methods that also get the UAD detector (or all, none)")
     parser.add_argument("--eps", default=DEFAULT_EPS, help="L-inf test budgets in [0, 1] scale; k/255 allowed")
     parser.add_argument("--attack", default="pgd", help="evaluate attack for the table (pgd = PGD-20, apgd = APGD-CE-100)")
     parser.add_argument("--adaptive", default="true", choices=("true", "false"), help="adaptive attack on detector rows")
@@ -50,10 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     from medrobust.train import METHODS, train
 
     methods = cli.parse_names(args.methods, "methods", METHODS)
-    with_detector = set(METHODS) if args.detector_for == "all" else set(cli.parse_names(args.detector_for, "detector-for", METHODS))
+    with_detector = {"all": set(METHODS), "none": set()}.get(args.detector_for) or set(
+        cli.parse_names(args.detector_for, "detector-for", METHODS))
     fractions = cli.parse_floats(args.fractions, "fractions")
     budgets = cli.parse_floats(args.eps, "eps")
-    extra = dict(option.split("=", 1) for option in args.train_option)
+    extra = {key: _value(value) for key, value in (option.split("=", 1) for option in args.train_option)}
 
     started, rows = time.time(), []
     for fraction in fractions:
@@ -89,6 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "README.md", markdown(results, plots))
     print(markdown(results, plots))
     print(f"wrote {out}")
+
+
+def _value(text: str):
+    """A --train-option value as Python reads it (3 -> int, 0.5 -> float), else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _finished_report(eval_dir: Path, budgets) -> dict | None:

@@ -56,7 +56,7 @@ class SSATTrainer(Trainer):
         from BatchNorm moving statistics that lag the fast-moving weights; the model then trains
         towards whatever class its lagging copy prefers, which shifts the statistics further. On the
         phantom this collapses to one class within ~10 steps even after labeled pre-training
-        (benchmarks/compare_methods.py). A frozen teacher breaks that loop.
+        (examples/compare_defenses.py --train-option teacher=none). A frozen teacher breaks that loop.
         """
         super().__init__(classifier, **kwargs)
         eps_min, eps_max = (float(e) for e in eps_range)

@@ -1,0 +1,45 @@
+"""examples/compare_defenses.py at toy scale: it trains, evaluates, writes its table and plots, and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "compare_defenses.py"
+
+
+def _run(runs: Path, results: Path) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(EXAMPLE), "--epochs", "1", "--fractions", "0.1", "--methods", "standard,ssat",
+            "--eps", "0.002,2/255", "--limit", "60", "--train-option", "width=8", "--train-option", "detector_epochs=1",
+            "--out", str(runs), "--results", str(results)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+@pytest.mark.slow
+def test_compare_defenses_writes_one_table_and_resumes(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    first = _run(runs, results)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads((results / "results.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["standard", "ssat + UAD"]
+    assert data["synthetic_data"] is True and data["n_test_images"] == 60
+    assert data["eps"] == pytest.approx([0.002, 2 / 255])
+    ssat = data["rows"][1]
+    for key in ("robust_accuracy", "classifier_only_risk", "system_risk", "adaptive_system_risk"):
+        assert set(ssat[key]) == {"0.002", "0.00784314"}, key
+    # The adaptive attacker's sweep includes the plain attack, so it is never less risky.
+    for k, risk in ssat["system_risk"].items():
+        assert ssat["adaptive_system_risk"][k] >= risk
+    readme = (results / "README.md").read_text()
+    assert "SYNTHETIC" in readme and "2/255" in readme and "| ssat + UAD | 0.1 |" in readme
+    assert (results / "robust_accuracy.png").stat().st_size > 0 and (results / "system_risk.png").is_file()
+
+    again = _run(runs, results)  # everything finished: reused, nothing trained or attacked again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stdout and "robust acc" not in again.stdout
