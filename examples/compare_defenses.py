@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     from medrobust.train import METHODS, train
 
     methods = cli.parse_names(args.methods, "methods", METHODS)
-    with_detector = {"all": set(METHODS), "none": set()}.get(args.detector_for) or set(
-        cli.parse_names(args.detector_for, "detector-for", METHODS))
+    if args.detector_for in ("all", "none"):
+        with_detector = set(METHODS) if args.detector_for == "all" else set()
+    else:
+        with_detector = set(cli.parse_names(args.detector_for, "detector-for", METHODS))
     fractions = cli.parse_floats(args.fractions, "fractions")
     budgets = cli.parse_floats(args.eps, "eps")
     extra = {key: _value(value) for key, value in (option.split("=", 1) for option in args.train_option)}
@@ -152,9 +154,8 @@ def machine() -> dict:
 
 
 def _eps_label(key: str) -> str:
-    eps = float(key)
-    k = eps * 255
-    return f"{key} ({k:.2g}/255)" if abs(k - round(k)) > 1e-6 else f"{round(k)}/255"
+    k = float(key) * 255  # keys carry 6 significant digits: 4/255 reads back as 4.0000065
+    return f"{key} ({k:.2g}/255)" if abs(k - round(k)) > 1e-4 else f"{round(k)}/255"
 
 
 def _cell(value) -> str:

@@ -145,12 +145,20 @@ def test_train_step_uses_craft_and_its_adversaries_are_in_the_ball():
     assert set(history) == {"loss", "labeled_ce", "adv_ce", "pseudo_kept", "accuracy"}
 
 
-def test_ssat_without_unlabeled_batch_attacks_the_labeled_batch():
+def test_ssat_without_unlabeled_batch_attacks_the_labeled_batch_against_its_true_labels():
     x, y = _data()
-    trainer = SSATTrainer(_classifier())
+    trainer = SSATTrainer(_classifier(), eps_range=(0.01, 0.01))
     prepared = trainer.prepare(tf.constant(x), tf.constant(y), None)
-    _check_in_ball(prepared["x_adv"], x, 0.003)
-    assert float(prepared["n_total"]) == BATCH
+    _check_in_ball(prepared["x_adv"], x, 0.01)
+    assert float(prepared["n_total"]) == BATCH and float(prepared["n_kept"]) == BATCH
+    np.testing.assert_array_equal(prepared["pseudo"].numpy(), y)  # labels known: no pseudo-labels
+    # FGSM on the true labels: x + eps * sign(grad CE(f(x), y)), clipped to [0, 1].
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, trainer.classifier(xt, training=False)))
+    expected = np.clip(x + 0.01 * np.sign(tape.gradient(loss, xt).numpy()), 0, 1)
+    np.testing.assert_allclose(prepared["x_adv"].numpy(), expected, atol=1e-6)
 
 
 # -- pseudo-labels come from inference mode -------------------------------------------------------

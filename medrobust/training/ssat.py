@@ -1,6 +1,7 @@
 """SSAT: semi-supervised adversarial training (Li, Pan & Zhu, arXiv 2006.13555).
 
-Per step, with a labeled batch (x, y) and an unlabeled batch x_u (x itself when there is none):
+Per step, with a labeled batch (x, y) and an unlabeled batch x_u (when there is none, x is attacked
+against its true labels y instead of pseudo-labels):
   1. pseudo-labels y_u = argmax f(x_u), in inference mode, from the current model, a given frozen
      teacher, or (teacher="snapshot") a frozen copy of the model taken after `pretrain_steps` steps of
      labeled-only training; optionally only those with max softmax >= tau (`confidence`) count;
@@ -86,10 +87,18 @@ class SSATTrainer(Trainer):
         self.teacher = teacher
 
     # -- step 1 and 2: pseudo-labels and adversaries (inference mode, no weight gradients) ---------
-    def craft(self, x_u) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(x_adv, pseudo_labels, kept_mask) for an unlabeled batch; BatchNorm statistics stay untouched."""
+    def craft(self, x_u, labels=None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(x_adv, pseudo_labels, kept_mask) for an unlabeled batch; BatchNorm statistics stay untouched.
+        With `labels` (a batch whose labels are known) those are used instead of pseudo-labels."""
         x_u = tf.convert_to_tensor(x_u, tf.float32)
         eps = per_image(tf.random.uniform(tf.shape(x_u)[:1], self.eps_min, self.eps_max), x_u)
+        if labels is not None:
+            labels = tf.cast(labels, tf.int32)
+            if self.attack == "fgsm":  # one full-size signed step from x
+                x_adv = pgd_linf(self.classifier, x_u, labels, eps, 1, ce, rel_step=1.0, start="none")
+            else:
+                x_adv = pgd_linf(self.classifier, x_u, labels, eps, self.pgd_steps, ce, start="uniform")
+            return tf.stop_gradient(x_adv), labels, tf.ones_like(labels, tf.bool)
         teacher_logits = None if self.teacher is None else self.teacher(x_u, training=False)
         if self.attack == "fgsm":
             with tf.GradientTape() as tape:
@@ -110,7 +119,9 @@ class SSATTrainer(Trainer):
     def prepare(self, x, y, x_u) -> dict:
         if self.snapshot:
             self._take_snapshot_once()
-        x_adv, pseudo, kept = self.craft(x if x_u is None else x_u)
+        # No unlabeled pool (label fraction 1.0): the labeled batch is attacked against its true labels,
+        # so SSAT becomes FGSM/PGD adversarial training rather than a pull toward a teacher's mistakes.
+        x_adv, pseudo, kept = self.craft(x, labels=y) if x_u is None else self.craft(x_u)
         mask = tf.cast(kept, tf.float32)
         n_kept, n_total = tf.reduce_sum(mask), tf.cast(tf.size(mask), tf.float32)
         context = tf.distribute.get_replica_context()
