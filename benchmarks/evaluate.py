@@ -56,7 +56,9 @@ def main() -> None:
         t = time.perf_counter()
         for eps in (float(e) for e in args.eps.split(",")):
             evaluator.attack_entry(name, eps, adaptive=adaptive)
-        timings[name + (" (+ adaptive sweep)" if adaptive and name in ("pgd", "apgd") and det else "")] = time.perf_counter() - t
+        label = name + (" (+ adaptive sweep)" if adaptive and name in ("pgd", "apgd") and det else "")
+        timings[label] = time.perf_counter() - t
+        print(f"  {label:32s} {timings[label]:8.1f} s", flush=True)  # as it goes: a full run takes long
     total = time.perf_counter() - started
     print(f"evaluation of {args.n} SYNTHETIC phantom images at eps {args.eps} "
           f"({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}); detector: {det is not None}")
