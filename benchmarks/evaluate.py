@@ -47,23 +47,20 @@ def main() -> None:
     clf = load_classifier(run / "classifier.keras")
     det = Detector.load(run / "detector", clf) if (run / "detector").exists() else None
     x, y = make_phantom(args.n, config["image_size"], seed=12345)  # fresh SYNTHETIC test images
+    print(f"evaluation of {args.n} SYNTHETIC phantom images at eps {args.eps} "
+          f"({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}); detector: {det is not None}")
     started = time.perf_counter()
     evaluator = SystemEvaluator(clf, det, x, y, progress=False)
     evaluator.clean_report()
-    timings = {"clean + detector scores": time.perf_counter() - started}
+    print(f"  {'clean + detector scores':32s} {time.perf_counter() - started:8.1f} s", flush=True)
     adaptive = args.adaptive.lower() == "true"
-    for name in args.attacks.split(","):
+    for name in args.attacks.split(","):  # each line as its sweep ends: a full run takes long
         t = time.perf_counter()
         for eps in (float(e) for e in args.eps.split(",")):
             evaluator.attack_entry(name, eps, adaptive=adaptive)
         label = name + (" (+ adaptive sweep)" if adaptive and name in ("pgd", "apgd") and det else "")
-        timings[label] = time.perf_counter() - t
-        print(f"  {label:32s} {timings[label]:8.1f} s", flush=True)  # as it goes: a full run takes long
+        print(f"  {label:32s} {time.perf_counter() - t:8.1f} s", flush=True)
     total = time.perf_counter() - started
-    print(f"evaluation of {args.n} SYNTHETIC phantom images at eps {args.eps} "
-          f"({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}); detector: {det is not None}")
-    for name, seconds in timings.items():
-        print(f"  {name:32s} {seconds:8.1f} s")
     print(f"  {'total':32s} {total:8.1f} s  ({args.n * len(args.eps.split(',')) / total:.1f} image-budgets/s)")
     if args.art_images:
         apgd_against_art(clf, x[:args.art_images], y[:args.art_images], args.art_eps, args.repeats)

@@ -132,12 +132,13 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
     log(f"detector: threshold {threshold:.6g}; score graph from {score_source}")
 
     calib, calib_source, x_val = None, None, None
-    if quantize == "int8" or (recalibrate and quantize != "none"):
+    recalibrating = recalibrate and quantize != "none"
+    if quantize == "int8" or recalibrating:
         dataset = _dataset(data, config, image_size, log)
         if quantize == "int8":
-            calib, calib_source = _calibration_images(dataset, image_size, calibration, int(config.get("seed", 0)))
-        if recalibrate and quantize != "none":
-            x_val = _validation_images(dataset, image_size, log)
+            calib, calib_source = _calibration_images(dataset, calibration, int(config.get("seed", 0)))
+        if recalibrating:
+            x_val = _validation_images(dataset, log)
     target_fpr = float(getattr(detector, "target_fpr", 0.05))
     thresholds = {}
 
@@ -230,7 +231,7 @@ def _dataset(data, config: dict, image_size: int, log):
     return data
 
 
-def _calibration_images(dataset, image_size: int, n: int, seed: int):
+def _calibration_images(dataset, n: int, seed: int):
     import numpy as np
 
     from export.converters import representative_batches
@@ -241,7 +242,7 @@ def _calibration_images(dataset, image_size: int, n: int, seed: int):
     return representative_batches(dataset["train"][0], n, seed), source
 
 
-def _validation_images(dataset, image_size: int, log):
+def _validation_images(dataset, log):
     import numpy as np
 
     if isinstance(dataset, np.ndarray) or "val" not in dataset.splits or len(dataset["val"][1]) < 20:
