@@ -21,8 +21,12 @@ setup(
         "matplotlib>=3.8",
         "pillow>=10.0",
         "tqdm>=4.66",
+        # DICOM OCT volumes in medrobust-screen (export.dicom); JPEG Baseline/2000 decode through Pillow.
+        "pydicom>=3.0,<3.1",
     ],
     extras_require={
+        # JPEG Lossless / JPEG-LS / 12-bit JPEG DICOM (pylibjpeg-libjpeg is GPL-3, hence optional).
+        "dicom-lossless": ["pylibjpeg>=2.0,<3", "pylibjpeg-libjpeg>=2.1,<3"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",

@@ -25,6 +25,13 @@ are searched recursively for files with an image extension (hidden files and fol
 files named explicitly are always screened. Images are processed one at a time (bounded memory);
 with --out the results are streamed to a temporary file that is renamed into place at the end.
 
+DICOM OCT files (``.dcm``/``.dicom``, or any file starting with a DICOM preamble; single- or
+multi-frame, 8/16-bit, MONOCHROME1/2, rescale/window applied) are read by ``export.dicom`` and
+reported per volume by ``export.volume``: one row per volume (one eye) with the worst-class verdict
+over its B-scans, plus one row per B-scan with --per-frame; patient identifiers are written only
+with --keep-identifiers.  When any DICOM file is among the inputs the rows gain the columns
+``export.volume.DICOM_COLUMNS`` (level, frame, frames, counts, reason, sop_instance_uid, laterality).
+
 Exit status: 0 when every file found was processed (error rows included), 2 for a bad bundle or bad
 arguments or when no image file was found, 130 when interrupted.
 """
@@ -46,6 +53,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from medrobust.data.images import IMAGE_EXTENSIONS, ImageError, is_image_filename, load_image
+
+from export import dicom as dicom_files
+from export import volume as volumes
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "medrobust-bundle"
@@ -260,10 +270,15 @@ class Screener:
         return {"file": path, "verdict": VERDICT_REFER if flag else VERDICT_CLASSIFY, "class": self.classes[k],
                 "confidence": float(f"{probs[k]:.6f}"), "anomaly_score": float(f"{score:.7g}"), "error": ""}
 
-    def screen(self, paths: Iterable[str], stats: dict | None = None) -> Iterator[dict]:
-        """Rows for every image under `paths`, one at a time (a generator: bounded memory)."""
+    def screen(self, paths: Iterable[str], stats: dict | None = None,
+               volume_options: "volumes.VolumeOptions | None" = None) -> Iterator[dict]:
+        """Rows for every image under `paths`, one at a time (a generator: bounded memory).
+        A DICOM file gives its volume row (and B-scan rows with volume_options.per_frame)."""
         for path in iter_image_files(paths, stats):
-            yield self.screen_file(path)
+            if dicom_files.is_dicom_file(path):
+                yield from volumes.screen_volume(self, path, volume_options or volumes.VolumeOptions())
+            else:
+                yield self.screen_file(path)
 
 
 def _signature_details(interpreter, key: str) -> tuple[dict, dict]:
@@ -282,7 +297,7 @@ def error_row(path: str, reason: str) -> dict:
 
 def iter_image_files(paths: Iterable[str], stats: dict | None = None) -> Iterator[str]:
     """Files to screen, in order: an explicitly named file as is; a folder recursively (sorted, hidden
-    entries skipped, only IMAGE_EXTENSIONS). Missing paths are yielded too (they become error rows).
+    entries skipped, IMAGE_EXTENSIONS and DICOM files). Missing paths are yielded too (they become error rows).
     `stats['ignored']` counts the non-image files seen in folders."""
     stats = stats if stats is not None else {}
     stats.setdefault("ignored", 0)
@@ -296,7 +311,7 @@ def iter_image_files(paths: Iterable[str], stats: dict | None = None) -> Iterato
             for name in sorted(files):
                 if name.startswith("."):
                     continue
-                if is_image_filename(name):
+                if is_image_filename(name) or dicom_files.is_dicom_in_folder(os.path.join(root, name)):
                     yield os.path.join(root, name)
                 else:
                     stats["ignored"] += 1
@@ -307,7 +322,7 @@ def iter_image_files(paths: Iterable[str], stats: dict | None = None) -> Iterato
 class _Sink:
     """Rows to stdout (CSV) or to --out (CSV or JSON), written to a temp file and renamed at the end."""
 
-    def __init__(self, out: str | None, header: dict):
+    def __init__(self, out: str | None, header: dict, columns: tuple = COLUMNS):
         self.out, self.header, self.count = out, header, 0
         self.format = "csv"
         if out:
@@ -323,7 +338,7 @@ class _Sink:
         else:
             self.tmp, self.file = None, sys.stdout
         if self.format == "csv":
-            self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS, lineterminator="\n")
+            self.writer = csv.DictWriter(self.file, fieldnames=columns, lineterminator="\n")
             self.writer.writeheader()
         else:
             self.file.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in header.items())
@@ -361,7 +376,7 @@ def _json_row(row: dict) -> dict:
             out[k] = None
     if not out["error"]:
         out["error"] = None
-    if out["verdict"] == VERDICT_ERROR:
+    if out["verdict"] == VERDICT_ERROR or out["class"] == "":
         out["class"] = None
     return out
 
@@ -378,12 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 when every file found was processed (unreadable files get error rows), "
                "2 for a bad bundle or arguments or no image found, 130 when interrupted.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
-                        help="image files and/or folders (searched recursively for .jpeg .jpg .png .bmp .tif .tiff)")
+                        help="image or DICOM files and/or folders (searched recursively for .jpeg .jpg .png .bmp "
+                             ".tif .tiff .gif, .dcm .dicom and files starting with a DICOM preamble)")
     parser.add_argument("--bundle", required=True, help="bundle folder written by `python -m export bundle`")
     parser.add_argument("--out", default=None,
                         help="write results to this .csv or .json file (default: CSV on standard output)")
     parser.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary on standard error")
+    volumes.add_arguments(parser)
     return parser
 
 
@@ -401,21 +418,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, log) -> int:
+    try:
+        volume_options = volumes.options_from_args(args)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
     screener = Screener(args.bundle, threads=args.threads)
     m = screener.manifest
     log(f"bundle {args.bundle}: verified {len(m['files'])} files; {m['models']['screening'].get('precision', '?')} "
         f"screening model, image {screener.image_size}x{screener.image_size}, threshold {screener.threshold:.6g}")
     header = {"bundle": os.path.abspath(args.bundle), "classes": list(screener.classes),
               "threshold": screener.threshold, "verdict_rule": VERDICT_RULE}
-    sink = _Sink(args.out, header)
-    counts = {VERDICT_CLASSIFY: 0, VERDICT_REFER: 0, VERDICT_ERROR: 0}
+    # DICOM hook: find the inputs first, since the CSV columns depend on whether any is DICOM.
     stats: dict = {}
+    files = list(iter_image_files(args.inputs, stats))
+    columns = COLUMNS
+    if any(dicom_files.is_dicom_file(p) for p in files):
+        columns = COLUMNS + volume_options.columns()
+        header.update(volume_rule=volumes.VOLUME_RULE, min_confidence=volume_options.min_confidence,
+                      identifiers="kept" if volume_options.keep_identifiers else "left out")
+    sink = _Sink(args.out, header, columns)
+    counts = {VERDICT_CLASSIFY: 0, VERDICT_REFER: 0, VERDICT_ERROR: 0}
+    dicom_counts = {"volumes": 0, "bscans": 0}
     started = last = time.perf_counter()
     try:
-        for row in screener.screen(args.inputs, stats):
+        for row in screener.screen(files, None, volume_options):
             sink.write(row)
+            if row.get("level") == volumes.LEVEL_FRAME:
+                continue  # counted through its volume's row
             counts[row["verdict"]] += 1
-            if row["verdict"] == VERDICT_ERROR:
+            if row.get("level") == volumes.LEVEL_VOLUME:
+                dicom_counts["volumes"] += 1
+                dicom_counts["bscans"] += row.get("frames") or 0
+            if row["verdict"] == VERDICT_ERROR or row["error"]:
                 log(f"error: {row['file']}: {row['error']}")
             now = time.perf_counter()
             if now - last > 5:
@@ -425,16 +459,20 @@ def _run(args, log) -> int:
         sink.abort()
         raise
     seconds = time.perf_counter() - started
-    summary = {**counts, "images": sink.count, "ignored_non_image_files": stats.get("ignored", 0),
-               "seconds": round(seconds, 3)}
-    if sink.count == 0:
+    n_files = sum(counts.values())
+    summary = {**counts, "images": n_files, "ignored_non_image_files": stats.get("ignored", 0),
+               **(dicom_counts if columns != COLUMNS else {}), "seconds": round(seconds, 3)}
+    if n_files == 0:
         sink.abort()
         raise BundleError(f"no image files found in {', '.join(args.inputs)} "
-                          f"(looked for {' '.join(IMAGE_EXTENSIONS)})")
+                          f"(looked for {' '.join(IMAGE_EXTENSIONS)} and DICOM files)")
     sink.close(summary)
-    rate = sink.count / seconds if seconds > 0 else float("inf")
-    log(f"screened {sink.count} files: {counts[VERDICT_CLASSIFY]} classify, {counts[VERDICT_REFER]} refer, "
+    n_images = n_files - dicom_counts["volumes"] + dicom_counts["bscans"]  # 2-D images + B-scans
+    rate = n_images / seconds if seconds > 0 else float("inf")
+    log(f"screened {n_files} files: {counts[VERDICT_CLASSIFY]} classify, {counts[VERDICT_REFER]} refer, "
         f"{counts[VERDICT_ERROR]} errors"
+        + (f" ({dicom_counts['bscans']} B-scans in {dicom_counts['volumes']} DICOM volumes)"
+           if dicom_counts["volumes"] else "")
         + (f", {stats['ignored']} non-image files ignored" if stats.get("ignored") else "")
         + f" ({seconds:.2f} s, {rate:.1f} images/s)" + (f"; wrote {args.out}" if args.out else ""))
     return 0

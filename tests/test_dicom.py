@@ -1,0 +1,405 @@
+"""DICOM OCT volumes in medrobust-screen: reading (export.dicom), the volume rule (export.volume), the CLI.
+
+Real-data tests build multi-frame DICOM files with pydicom from real Kermany B-scans (512x496 grey JPEGs
+of the test split): 8-bit, 16-bit with rescale and window in functional groups, 16-bit single-frame with no
+window, MONOCHROME1, JPEG Baseline (the source JPEG bytes encapsulated as they are), a corrupt JPEG frame, a
+truncated file, no pixel data, a CT, a JPEG-LS file, a non-DICOM .dcm. Lossless variants store the decoded
+pixels of the source JPEGs, so every frame must reach exactly the array `load_image` gives for its JPEG,
+and the same verdict. The bundle is test_runtime's (untrained width-8 CNN + stand-in detector, 28 px).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.sequence import Sequence  # noqa: E402
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,  # noqa: E402
+                         generate_uid)
+from test_runtime import ENV, IMAGE_SIZE, NO_TF, bundle_dir  # noqa: E402,F401  (bundle_dir: fixture)
+
+from export import dicom  # noqa: E402
+from export.volume import VolumeTally, severity_order  # noqa: E402
+from medrobust.classes import CLASSES  # noqa: E402
+from medrobust.data.images import load_image  # noqa: E402
+
+KERMANY = Path(os.environ.get("MEDROBUST_DATA", "/nonexistent")) / "kermany"
+if not KERMANY.is_dir():
+    KERMANY = Path("/work/shared/data/kermany")
+OPT = dicom.OPHTHALMIC_TOMOGRAPHY
+PATIENT = {"PatientName": "DOE^JANE", "PatientID": "PID-0042", "PatientBirthDate": "19500101",
+           "StudyDate": "20240131"}
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+def _dataset(sop_class: str = OPT, modality: str = "OPT", syntax=ExplicitVRLittleEndian, **attrs) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.SOPClassUID = sop_class
+    ds.Modality = modality
+    ds.ImageLaterality = "R"
+    for key, value in {**PATIENT, **attrs}.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _native(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2", bits: int | None = None,
+            **attrs) -> Dataset:
+    ds = _dataset(**attrs)
+    ds.set_pixel_data(frames, photometric, bits or frames.dtype.itemsize * 8)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _encapsulated(path: Path, frames: list[bytes], rows: int, columns: int, syntax=JPEGBaseline8Bit) -> Dataset:
+    ds = _dataset(syntax=syntax)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.NumberOfFrames = len(frames)
+    ds.LossyImageCompression = "01"
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _item(**attrs) -> Dataset:
+    item = Dataset()
+    for key, value in attrs.items():
+        setattr(item, key, value)
+    return item
+
+
+@pytest.fixture(scope="module")
+def bscans() -> list[Path]:
+    """Six real 512x496 grey B-scans of the test split: 2 CNV, 1 DME, 1 DRUSEN, 2 NORMAL."""
+    if not (KERMANY / "test").is_dir():
+        pytest.skip("real Kermany scans not found (set MEDROBUST_DATA to the folder holding kermany/)")
+    chosen = []
+    for cls, n in (("CNV", 2), ("DME", 1), ("DRUSEN", 1), ("NORMAL", 2)):
+        found = []
+        for path in sorted((KERMANY / "test" / cls).glob("*.jpeg")):
+            with Image.open(path) as img:
+                if img.size == (512, 496) and img.mode == "L":
+                    found.append(path)
+            if len(found) == n:
+                break
+        chosen += found
+    assert len(chosen) == 6
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def volumes(bscans, tmp_path_factory) -> Path:
+    """A folder of DICOM files made from `bscans` (plus bad ones), and a copy of the JPEGs."""
+    root = tmp_path_factory.mktemp("dicom")
+    pixels = np.stack([np.asarray(Image.open(p)) for p in bscans])  # decoded JPEG pixels, uint8
+    p16 = pixels.astype(np.uint16)
+
+    _native(root / "oct8.dcm", pixels)
+    # 16-bit, stored = 256 p + 128; rescale in the shared functional groups (value = 64 p - 68), a window in
+    # each frame's functional group that maps [-68, 16252] onto [0, 1]: grey = p / 255 again. The top-level
+    # window is a decoy the frame windows override.
+    ds = _dataset(WindowCenter=100, WindowWidth=50)
+    ds.set_pixel_data(p16 * 256 + 128, "MONOCHROME2", 16)
+    ds.SharedFunctionalGroupsSequence = Sequence([_item(PixelValueTransformationSequence=Sequence([
+        _item(RescaleSlope=0.25, RescaleIntercept=-100, RescaleType="US")]))])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([
+        _item(FrameVOILUTSequence=Sequence([_item(WindowCenter=8092.5, WindowWidth=16321)])) for _ in bscans])
+    ds.save_as(root / "oct16_rescale.dcm", enforce_file_format=True)
+    # 16-bit single frame, no rescale or window: the full 16-bit range maps to [0, 1] (p * 257 / 65535 = p / 255).
+    _native(root / "oct16_single.dcm", p16[0] * 257)
+    # MONOCHROME1 (0 = white), in a sub-folder, without an extension: found by its DICOM preamble.
+    (root / "series").mkdir()
+    _native(root / "series" / "IM000001", 255 - pixels, photometric="MONOCHROME1")
+    # The source JPEG files, byte for byte, as the frames of a JPEG Baseline volume.
+    jpegs = [p.read_bytes() for p in bscans]
+    _encapsulated(root / "oct_jpeg.dcm", jpegs, 496, 512)
+    # Bad ones.
+    broken = list(jpegs)
+    broken[2] = broken[2][:600] + b"\x00" * 10
+    _encapsulated(root / "bad_corrupt_frame.dcm", broken, 496, 512)
+    data = (root / "oct8.dcm").read_bytes()
+    (root / "bad_truncated.dcm").write_bytes(data[: len(data) - 300_000])  # frame 6 gone, frame 5 cut
+    ds = _dataset()
+    ds.Rows, ds.Columns = 496, 512
+    ds.save_as(root / "bad_no_pixels.dcm", enforce_file_format=True)
+    _native(root / "bad_ct.dcm", np.arange(64 * 64, dtype=np.int16).reshape(64, 64), sop_class=CTImageStorage,
+            modality="CT", RescaleSlope=1, RescaleIntercept=-1024)
+    _encapsulated(root / "bad_jpegls.dcm", [b"\xff\xd8\xff\xf7" + bytes(100)] * 2, 496, 512, syntax=JPEGLSLossless)
+    (root / "bad_not_dicom.dcm").write_text("not a DICOM file")
+    (root / "DICOMDIR").write_bytes(bytes(128) + b"DICM")  # a media index: skipped in folders
+    (root / "README.txt").write_text("ignored")
+    return root
+
+
+GOOD = ["oct8.dcm", "oct16_rescale.dcm", "series/IM000001", "oct_jpeg.dcm"]
+
+
+def _main(*args: str) -> int:
+    from export.runtime import main
+
+    return main(list(args))
+
+
+# ------------------------------------------------------------------------------- frames == JPEG
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("size", [IMAGE_SIZE, 64])
+def test_every_variant_gives_the_arrays_of_the_source_jpegs(volumes, bscans, size):
+    expected = [load_image(p, size) for p in bscans]
+    for name in GOOD:
+        volume = dicom.open_volume(volumes / name)
+        assert volume.frames == len(bscans) and (volume.rows, volume.columns) == (496, 512)
+        frames = list(volume.iter_frames(size))
+        assert [n for n, _ in frames] == list(range(1, len(bscans) + 1))
+        for (n, x), ref in zip(frames, expected):
+            assert x.dtype == np.float32 and x.shape == (size, size, 1)
+            assert np.array_equal(x, ref), f"{name} frame {n} differs from its JPEG"
+    single = list(dicom.open_volume(volumes / "oct16_single.dcm").iter_frames(size))
+    assert len(single) == 1 and np.array_equal(single[0][1], expected[0])
+
+
+@pytest.mark.realdata
+def test_decoy_window_would_have_changed_the_frames(volumes, bscans):
+    """The frame-level window (functional groups) is what made oct16_rescale equal: the top-level one differs."""
+    volume = dicom.open_volume(volumes / "oct16_rescale.dcm")
+    settings = volume.frame_settings(0)
+    assert float(settings.WindowCenter) == 8092.5 and float(settings.RescaleSlope) == 0.25
+    decoy = Dataset()
+    for keyword in ("BitsStored", "PixelRepresentation", "PhotometricInterpretation", "WindowCenter", "WindowWidth"):
+        setattr(decoy, keyword, volume._ds[keyword].value)
+    table, low = dicom.display_lut(decoy)
+    stored = np.asarray(Image.open(bscans[0]), np.int64) * 256 + 128
+    assert not np.array_equal(table[stored - low], np.asarray(Image.open(bscans[0])))
+
+
+@pytest.mark.realdata
+def test_verdicts_equal_the_jpeg_verdicts(bundle_dir, volumes, bscans, tmp_path):  # noqa: F811
+    from export.runtime import Screener
+
+    screener = Screener(bundle_dir)
+    jpeg_rows = [screener.screen_file(str(p)) for p in bscans]
+    out = tmp_path / "r.json"
+    files = [str(volumes / n) for n in GOOD]
+    assert _main("--bundle", str(bundle_dir), *files, "--per-frame", "--out", str(out), "--quiet") == 0
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert len(rows) == len(GOOD) * (len(bscans) + 1)
+    keys = ("verdict", "class", "confidence", "anomaly_score")
+    tally = VolumeTally(screener.classes)
+    for row in jpeg_rows:
+        tally.add(row)
+    expected_volume = tally.verdict()
+    for i, name in enumerate(GOOD):
+        block = rows[i * (len(bscans) + 1): (i + 1) * (len(bscans) + 1)]
+        *frames, vol = block
+        for k, (row, ref) in enumerate(zip(frames, jpeg_rows), start=1):
+            assert row["level"] == "frame" and row["frame"] == k and row["frames"] == len(bscans)
+            assert Path(row["file"]).name == Path(name).name and row["error"] is None
+            assert {key: row[key] for key in keys} == {key: ref[key] for key in keys}, (name, k)
+        assert vol["level"] == "volume" and vol["frames"] == len(bscans) and vol["laterality"] == "R"
+        for key in ("verdict", "class", "confidence", "anomaly_score", "refer_frames", "confident_frames",
+                    "frame_classes"):
+            want = expected_volume[key]
+            assert vol[key] == (None if want == "" and key != "frame_classes" else want), (name, key)
+        assert vol["sop_instance_uid"] == str(pydicom.dcmread(volumes / name).SOPInstanceUID)
+    assert doc["summary"]["volumes"] == len(GOOD) and doc["summary"]["bscans"] == len(GOOD) * len(bscans)
+    assert doc["min_confidence"] == 0.5 and "worst-class" in doc["volume_rule"]
+
+
+@pytest.mark.realdata
+def test_bad_files_give_error_rows_and_the_run_goes_on(bundle_dir, volumes, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "r.csv"
+    assert _main("--bundle", str(bundle_dir), str(volumes), "--out", str(out)) == 0
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    by_name = {os.path.relpath(r["file"], volumes): r for r in rows}
+    assert set(by_name) == set(GOOD) | {"oct16_single.dcm", "bad_corrupt_frame.dcm", "bad_truncated.dcm",
+                                         "bad_no_pixels.dcm", "bad_ct.dcm", "bad_jpegls.dcm", "bad_not_dicom.dcm"}
+    assert all(r["level"] == "volume" for r in rows)  # no --per-frame: one row per file
+    for name in GOOD + ["oct16_single.dcm"]:
+        assert by_name[name]["verdict"] in ("classify", "refer") and not by_name[name]["error"]
+        assert not dicom.open_volume(volumes / name).truncated
+
+    corrupt = by_name["bad_corrupt_frame.dcm"]  # frame 3 undecodable: the volume is referred, the rest screened
+    assert corrupt["verdict"] == "refer" or corrupt["class"] in ("CNV", "DME")
+    assert corrupt["error_frames"] == "1" and corrupt["frames"] == "6" and "frame 3" in corrupt["error"]
+    truncated = by_name["bad_truncated.dcm"]
+    assert truncated["error_frames"] == "2" and truncated["frames"] == "6" and "truncated" in truncated["error"]
+    assert truncated["verdict"] == "refer" or truncated["class"] in ("CNV", "DME")
+    for name, words in [("bad_no_pixels.dcm", "no pixel data"), ("bad_ct.dcm", "not an OCT image: CT Image Storage"),
+                        ("bad_not_dicom.dcm", "not a DICOM file"), ("bad_jpegls.dcm", "JPEG-LS")]:
+        row = by_name[name]
+        assert row["verdict"] == "error" and words in row["error"] and row["class"] == "", (name, row)
+    err = capsys.readouterr().err
+    assert "2 non-image files ignored" in err  # README.txt and DICOMDIR (a media index, not an image)
+    assert "B-scans in 11 DICOM volumes" in err
+
+
+@pytest.mark.realdata
+def test_per_frame_rows_show_the_bad_frame(bundle_dir, volumes, tmp_path):  # noqa: F811
+    out = tmp_path / "r.json"
+    assert _main("--bundle", str(bundle_dir), str(volumes / "bad_corrupt_frame.dcm"), "--per-frame",
+                 "--out", str(out), "--quiet") == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["level"] for r in rows] == ["frame"] * 6 + ["volume"]
+    assert [r["verdict"] == "error" for r in rows[:6]] == [False, False, True, False, False, False]
+    assert "truncated" in rows[2]["error"] and rows[2]["frame"] == 3
+
+
+@pytest.mark.realdata
+def test_identifiers_only_with_keep_identifiers(bundle_dir, volumes, tmp_path):  # noqa: F811
+    files = [str(volumes / "oct8.dcm"), str(volumes / "oct_jpeg.dcm")]
+    uid = str(pydicom.dcmread(volumes / "oct8.dcm").SOPInstanceUID)
+    for ext in ("csv", "json"):
+        out = tmp_path / f"r.{ext}"
+        assert _main("--bundle", str(bundle_dir), *files, "--per-frame", "--out", str(out), "--quiet") == 0
+        text = out.read_text()
+        for value in ("DOE", "JANE", "PID-0042", "19500101", "20240131", "patient"):
+            assert value not in text, (ext, value)
+        assert uid in text
+        assert _main("--bundle", str(bundle_dir), *files, "--keep-identifiers", "--out", str(out), "--quiet") == 0
+        text = out.read_text()
+        for value in ("DOE^JANE", "PID-0042", "19500101", "20240131", "patient_id"):
+            assert value in text, (ext, value)
+
+
+def test_min_confidence_out_of_range_is_refused_before_loading(tmp_path, capsys):
+    assert _main("--bundle", str(tmp_path / "no-bundle"), str(tmp_path), "--min-confidence", "1.5") == 2
+    err = capsys.readouterr().err
+    assert "--min-confidence must be in [0, 1]" in err and "bundle" not in err
+
+
+@pytest.mark.realdata
+def test_dicom_screening_runs_without_tensorflow(bundle_dir, volumes, tmp_path):  # noqa: F811
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(bundle_dir), str(volumes), "--out", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["volumes"] == 11 and doc["summary"]["error"] == 4
+
+
+# ------------------------------------------------------------------------------------ volume rule
+
+def _row(verdict: str, cls: str = "NORMAL", confidence: float = 0.9, score: float = 0.1) -> dict:
+    if verdict == "error":
+        return {"verdict": "error", "class": "", "confidence": "", "anomaly_score": "", "error": "bad frame"}
+    return {"verdict": verdict, "class": cls, "confidence": confidence, "anomaly_score": score, "error": ""}
+
+
+def _verdict(rows, min_confidence=0.5) -> dict:
+    tally = VolumeTally(CLASSES, min_confidence)
+    for row in rows:
+        tally.add(row)
+    return tally.verdict()
+
+
+@pytest.mark.parametrize("rows, verdict, cls", [
+    ([_row("classify")] * 48 + [_row("classify", "CNV", 0.6)], "classify", "CNV"),       # one confident urgent frame
+    ([_row("classify", "DME", 0.9), _row("refer"), _row("error")], "classify", "DME"),   # urgent beats refer
+    ([_row("classify", "DRUSEN"), _row("refer")] + [_row("classify")] * 5, "refer", ""),  # refer beats non-urgent
+    ([_row("classify", "DRUSEN"), _row("error")], "refer", ""),                         # unreadable frame: refer
+    ([_row("classify", "DRUSEN", 0.7)] + [_row("classify")] * 5, "classify", "DRUSEN"),  # worst non-urgent
+    ([_row("classify")] * 3, "classify", "NORMAL"),
+    ([_row("classify", "CNV", 0.49)] + [_row("classify")] * 3, "classify", "NORMAL"),   # unsure urgent: ignored
+    ([_row("classify", "CNV", 0.4), _row("classify", "NORMAL", 0.3)], "refer", ""),     # no confident frame
+    ([_row("refer")] * 3, "refer", ""),
+    ([_row("error")] * 3, "error", ""),
+    ([_row("classify", "CNV", 0.9), _row("classify", "DME", 0.6), _row("classify", "DME", 0.7)],
+     "classify", "DME"),                                                                 # more confident frames
+    ([_row("classify", "CNV", 0.9), _row("classify", "DME", 0.95)], "classify", "DME"),  # tie: higher confidence
+])
+def test_worst_class_rule(rows, verdict, cls):
+    out = _verdict(rows)
+    assert (out["verdict"], out["class"]) == (verdict, cls), out
+    assert out["frames"] == len(rows)
+    assert out["refer_frames"] == sum(r["verdict"] == "refer" for r in rows)
+    assert out["error_frames"] == sum(r["verdict"] == "error" for r in rows)
+    assert out["reason"]
+
+
+def test_rule_counts_confidence_and_threshold():
+    rows = [_row("classify", "CNV", 0.6, 0.2), _row("classify", "CNV", 0.8, 0.5), _row("classify", "NORMAL", 0.99),
+            _row("refer", "NORMAL", 0.9, 3.0)]
+    out = _verdict(rows)
+    assert out["confidence"] == 0.8 and out["anomaly_score"] == 3.0
+    assert out["confident_frames"] == 3 and out["frame_classes"] == "CNV:2 NORMAL:1"
+    assert "2 confident B-scans" in out["reason"] and "1 flagged" in out["reason"]
+    assert _verdict(rows, min_confidence=0.9)["class"] == ""  # CNV no longer confident -> refer (flagged frame)
+    assert _verdict(rows[:3], min_confidence=0.9)["class"] == "NORMAL"
+    assert _verdict([_row("classify", "CNV", 0.3)], min_confidence=0.0)["class"] == "CNV"
+    assert severity_order(CLASSES) == ("CNV", "DME", "DRUSEN", "NORMAL")
+
+
+# ---------------------------------------------------------------------------- stored -> grey levels
+
+def _settings(bits=16, signed=0, photometric="MONOCHROME2", **attrs) -> Dataset:
+    ds = Dataset()
+    ds.BitsStored, ds.BitsAllocated, ds.PixelRepresentation = bits, 16 if bits > 8 else 8, signed
+    ds.PhotometricInterpretation = photometric
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _grey(settings, stored) -> np.ndarray:
+    table, low = dicom.display_lut(settings)
+    stored = np.asarray(stored, np.int64)
+    return stored.astype(np.uint8) if table is None else table[np.clip(stored, low, low + len(table) - 1) - low]
+
+
+def test_display_lut_rules():
+    assert dicom.display_lut(_settings(8))[0] is None  # 8-bit, nothing to apply: used as is
+    assert dicom.display_lut(_settings(8, RescaleSlope=2, RescaleIntercept=5))[0] is None
+    assert list(_grey(_settings(8, photometric="MONOCHROME1"), [0, 1, 254, 255])) == [255, 254, 1, 0]
+    assert list(_grey(_settings(12), [0, 4095, 5000])) == [0, 255, 255]  # 12-bit full range; above it clipped
+    assert list(_grey(_settings(16, signed=1), [-32768, 32767, 0])) == [0, 255, 128]
+    # negative slope, no window: the smallest value is black, so the largest stored value is
+    assert list(_grey(_settings(8, RescaleSlope=-1, RescaleIntercept=0), [0, 255])) == [255, 0]
+    # a CT-like window in rescaled units: centre 40, width 400 -> [-160, 240] onto [0, 255]
+    ct = _settings(16, signed=1, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    assert list(_grey(ct, [1024 - 200, 1024 - 160, 1024 + 40, 1024 + 240, 1024 + 900])) == [0, 0, 128, 255, 255]
+    sigmoid = _settings(8, WindowCenter=128, WindowWidth=64, VOILUTFunction="SIGMOID")
+    g = _grey(sigmoid, np.arange(256))
+    assert g[0] < 5 and g[-1] > 250 and np.all(np.diff(g.astype(int)) >= 0)
+    voi = _settings(8)
+    voi.VOILUTSequence = Sequence([_item(LUTDescriptor=[256, 0, 8], LUTData=list(range(255, -1, -1)))])
+    voi["VOILUTSequence"].value[0]["LUTData"].VR = "US"
+    assert list(_grey(voi, [0, 255])) == [255, 0]
+
+
+def test_is_dicom_file(tmp_path):
+    (tmp_path / "a.dcm").write_text("x")
+    (tmp_path / "IM1").write_bytes(bytes(128) + b"DICM" + bytes(10))
+    (tmp_path / "scan.jpeg").write_bytes(bytes(128) + b"DICM")
+    (tmp_path / "DICOMDIR").write_bytes(bytes(128) + b"DICM")
+    (tmp_path / "notes").write_text("hello")
+    assert dicom.is_dicom_file(tmp_path / "a.dcm") and dicom.is_dicom_file(tmp_path / "IM1")
+    assert dicom.is_dicom_file(tmp_path / "scan.jpeg")  # named explicitly: sniffed
+    assert not dicom.is_dicom_in_folder(tmp_path / "scan.jpeg")  # in a folder walk: an image file
+    assert not dicom.is_dicom_in_folder(tmp_path / "DICOMDIR") and dicom.is_dicom_in_folder(tmp_path / "IM1")
+    assert not dicom.is_dicom_file(tmp_path / "notes") and not dicom.is_dicom_file(tmp_path / "missing")
+    with pytest.raises(dicom.ImageError, match="not a DICOM file"):
+        dicom.open_volume(tmp_path / "a.dcm")
+    with pytest.raises(dicom.ImageError, match="file not found"):
+        dicom.open_volume(tmp_path / "missing.dcm")
