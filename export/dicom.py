@@ -87,6 +87,7 @@ __all__ = [
     "OPHTHALMIC_TOMOGRAPHY",
     "DicomVolume",
     "display_lut",
+    "import_pydicom",
     "is_dicom_file",
     "open_volume",
 ]
@@ -133,7 +134,8 @@ def is_dicom_in_folder(path) -> bool:
     return name.upper() != "DICOMDIR" and not is_image_filename(name) and is_dicom_file(path)
 
 
-def _pydicom():
+def import_pydicom():
+    """pydicom with its pixel handlers, or None if it is not installed (imported on first use: ~0.5 s)."""
     try:
         import pydicom
         import pydicom.pixels  # noqa: F401
@@ -195,7 +197,7 @@ class DicomVolume:
     def iter_display_frames(self) -> Iterator[tuple[int, np.ndarray | ImageError]]:
         """Yield ``(frame_number, grey)``: uint8 display grey levels ``[rows, columns]`` (or RGB
         ``[rows, columns, 3]``), or an ``ImageError`` for a frame that cannot be decoded."""
-        pydicom = _pydicom()
+        pydicom = import_pydicom()
         luts: dict = {}
         start = 0
         while start < self.frames:
@@ -308,7 +310,7 @@ def open_volume(path, keep_identifiers: bool = False) -> DicomVolume:
         raise ImageError(path, "is a directory, not a DICOM file")
     if os.path.getsize(path) == 0:
         raise ImageError(path, "empty file (0 bytes)")
-    pydicom = _pydicom()
+    pydicom = import_pydicom()
     if pydicom is None:
         raise ImageError(path, "DICOM file, but pydicom is not installed (pip install 'pydicom>=3.0,<3.1')")
     try:

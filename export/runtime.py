@@ -434,6 +434,7 @@ def _run(args, log) -> int:
     columns = COLUMNS
     if any(dicom_files.is_dicom_file(p) for p in files):
         columns = COLUMNS + volume_options.columns()
+        dicom_files.import_pydicom()  # start-up, not screening time
         header.update(volume_rule=volumes.VOLUME_RULE, min_confidence=volume_options.min_confidence,
                       identifiers="kept" if volume_options.keep_identifiers else "left out")
     sink = _Sink(args.out, header, columns)
@@ -442,6 +443,8 @@ def _run(args, log) -> int:
     started = last = time.perf_counter()
     try:
         for row in screener.screen(files, None, volume_options):
+            if columns != COLUMNS:
+                row.setdefault("level", volumes.LEVEL_IMAGE)
             sink.write(row)
             if row.get("level") == volumes.LEVEL_FRAME:
                 continue  # counted through its volume's row

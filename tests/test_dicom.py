@@ -283,6 +283,17 @@ def test_identifiers_only_with_keep_identifiers(bundle_dir, volumes, tmp_path): 
             assert value in text, (ext, value)
 
 
+@pytest.mark.realdata
+def test_images_and_volumes_in_one_run(bundle_dir, volumes, bscans, tmp_path):  # noqa: F811
+    out = tmp_path / "r.csv"
+    assert _main("--bundle", str(bundle_dir), str(bscans[0]), str(volumes / "oct8.dcm"), "--out", str(out),
+                 "--quiet") == 0
+    with open(out, newline="", encoding="utf-8") as f:
+        image, vol = list(csv.DictReader(f))
+    assert image["level"] == "image" and image["frames"] == "" and image["verdict"] in ("classify", "refer")
+    assert vol["level"] == "volume" and vol["frames"] == "6"
+
+
 def test_min_confidence_out_of_range_is_refused_before_loading(tmp_path, capsys):
     assert _main("--bundle", str(tmp_path / "no-bundle"), str(tmp_path), "--min-confidence", "1.5") == 2
     err = capsys.readouterr().err
