@@ -101,6 +101,8 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 IDENTIFIER_FIELDS = {"patient_name": "PatientName", "patient_id": "PatientID",
                      "patient_birth_date": "PatientBirthDate", "study_date": "StudyDate"}
 
+#: DICOM files claiming more frames than this are refused (a corrupt header must not mean a billion rows).
+MAX_FRAMES = 10_000
 _PREAMBLE = 128
 _MAGIC = b"DICM"
 _DEFER = 64 * 1024  # values larger than this (the pixel data) are not read with the header
@@ -163,6 +165,7 @@ class DicomVolume:
     identifiers: dict = field(default_factory=dict)
     _ds: object = field(default=None, repr=False)
     truncated: bool = False  # native pixel data longer than what the file holds
+    readable_frames: int = -1  # frames wholly inside a truncated native file (-1: all)
     _per_frame_settings: bool | None = field(default=None, repr=False)
     _shared_settings: object = field(default=None, repr=False)
 
@@ -200,9 +203,10 @@ class DicomVolume:
         pydicom = import_pydicom()
         luts: dict = {}
         start = 0
-        while start < self.frames:
+        stop = self.frames if self.readable_frames < 0 else self.readable_frames
+        while start < stop:
             index = start
-            frames = pydicom.pixels.iter_pixels(self.path, indices=range(start, self.frames),
+            frames = pydicom.pixels.iter_pixels(self.path, indices=range(start, stop),
                                                 view_only=True)  # read-only arrays: no copy
             try:
                 while True:
@@ -220,12 +224,16 @@ class DicomVolume:
                 why = "the file is truncated: it ends inside the pixel data" if self.truncated else _describe(exc)
                 yield index + 1, ImageError(self.path, f"frame {index + 1}: cannot decode ({why})")
             else:
-                for missing in range(index + 1, self.frames + 1):  # fewer frames than Number of Frames
-                    yield missing, ImageError(self.path, f"frame {missing}: missing from the pixel data")
-                return
+                break
             finally:
                 frames.close()
             start = index + 1  # restart after the bad frame
+        else:
+            index = start
+        why = ("the file is truncated: it ends inside the pixel data" if self.truncated
+               else "missing from the pixel data")
+        for missing in range(index + 1, self.frames + 1):  # fewer frames than Number of Frames
+            yield missing, ImageError(self.path, f"frame {missing}: {why}")
 
     def _display(self, arr: np.ndarray, index: int, luts: dict) -> np.ndarray:
         expected = (self.rows, self.columns) + ((3,) if arr.ndim == 3 else ())
@@ -383,18 +391,24 @@ def _check(path: str, ds, keep_identifiers: bool) -> DicomVolume:
         raise ImageError(path, f"Number of Frames is not a number: {frames!r}") from None
     if frames < 1:
         raise ImageError(path, f"Number of Frames is {frames}")
-    truncated = False
+    if frames > MAX_FRAMES:
+        raise ImageError(path, f"Number of Frames is {frames} > MAX_FRAMES = {MAX_FRAMES}")
+    truncated, readable = False, -1
     if not ds["PixelData"].is_undefined_length:  # native: compare the frames' size with the file's
-        needed = frames * rows * columns * samples * bits_allocated // 8
+        frame_bytes = rows * columns * samples * bits_allocated // 8
         start = getattr(ds["PixelData"], "file_tell", None)
-        truncated = start is not None and os.path.getsize(path) - start < needed
+        if start is not None and os.path.getsize(path) - start < frames * frame_bytes:
+            # the element header (8 or 12 bytes) is counted as data here: at worst one frame too many is
+            # tried, and that one fails to decode like any bad frame
+            truncated, readable = True, min(frames, (os.path.getsize(path) - start) // frame_bytes)
     identifiers = {}
     if keep_identifiers:
         identifiers = {column: str(ds.get(keyword, "") or "") for column, keyword in IDENTIFIER_FIELDS.items()}
     return DicomVolume(path=path, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""), sop_class=sop_name,
                        modality=modality, frames=frames, rows=rows, columns=columns,
                        transfer_syntax=UID(tsyntax).name, laterality=_laterality(ds),
-                       identifiers=identifiers, truncated=truncated, _ds=ds)
+                       identifiers=identifiers, truncated=truncated,
+                       readable_frames=readable, _ds=ds)
 
 
 def _decodable(tsyntax) -> bool:

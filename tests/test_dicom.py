@@ -130,6 +130,7 @@ def volumes(bscans, tmp_path_factory) -> Path:
     # MONOCHROME1 (0 = white), in a sub-folder, without an extension: found by its DICOM preamble.
     (root / "series").mkdir()
     _native(root / "series" / "IM000001", 255 - pixels, photometric="MONOCHROME1")
+    _native(root / "oct_rgb.dcm", np.repeat(pixels[..., None], 3, axis=-1), photometric="RGB")  # grey as RGB
     # The source JPEG files, byte for byte, as the frames of a JPEG Baseline volume.
     jpegs = [p.read_bytes() for p in bscans]
     _encapsulated(root / "oct_jpeg.dcm", jpegs, 496, 512)
@@ -151,7 +152,7 @@ def volumes(bscans, tmp_path_factory) -> Path:
     return root
 
 
-GOOD = ["oct8.dcm", "oct16_rescale.dcm", "series/IM000001", "oct_jpeg.dcm"]
+GOOD = ["oct8.dcm", "oct16_rescale.dcm", "series/IM000001", "oct_jpeg.dcm", "oct_rgb.dcm"]
 
 
 def _main(*args: str) -> int:
@@ -252,7 +253,7 @@ def test_bad_files_give_error_rows_and_the_run_goes_on(bundle_dir, volumes, tmp_
         assert row["verdict"] == "error" and words in row["error"] and row["class"] == "", (name, row)
     err = capsys.readouterr().err
     assert "2 non-image files ignored" in err  # README.txt and DICOMDIR (a media index, not an image)
-    assert "B-scans in 11 DICOM volumes" in err
+    assert "B-scans in 12 DICOM volumes" in err
 
 
 @pytest.mark.realdata
@@ -294,6 +295,23 @@ def test_images_and_volumes_in_one_run(bundle_dir, volumes, bscans, tmp_path):  
     assert vol["level"] == "volume" and vol["frames"] == "6"
 
 
+@pytest.mark.realdata
+def test_a_header_claiming_too_many_frames(bundle_dir, volumes, tmp_path):  # noqa: F811
+    """Number of Frames larger than the pixel data: the missing frames are unreadable, without decoding each."""
+    from export.runtime import Screener
+    from export.volume import screen_volume
+
+    ds = pydicom.dcmread(volumes / "oct8.dcm")
+    ds.NumberOfFrames = 5000
+    ds.save_as(tmp_path / "lie.dcm")
+    (row,) = screen_volume(Screener(bundle_dir), str(tmp_path / "lie.dcm"))
+    assert (row["frames"], row["error_frames"]) == (5000, 4994) and "truncated" in row["error"]
+    ds.NumberOfFrames = dicom.MAX_FRAMES + 1
+    ds.save_as(tmp_path / "huge.dcm")
+    (row,) = screen_volume(Screener(bundle_dir), str(tmp_path / "huge.dcm"))
+    assert row["verdict"] == "error" and "MAX_FRAMES" in row["error"]
+
+
 def test_min_confidence_out_of_range_is_refused_before_loading(tmp_path, capsys):
     assert _main("--bundle", str(tmp_path / "no-bundle"), str(tmp_path), "--min-confidence", "1.5") == 2
     err = capsys.readouterr().err
@@ -307,7 +325,7 @@ def test_dicom_screening_runs_without_tensorflow(bundle_dir, volumes, tmp_path):
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
-    assert doc["summary"]["volumes"] == 11 and doc["summary"]["error"] == 4
+    assert doc["summary"]["volumes"] == 12 and doc["summary"]["error"] == 4
 
 
 # ------------------------------------------------------------------------------------ volume rule
