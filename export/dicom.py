@@ -115,9 +115,8 @@ _VOI = ("WindowCenter", "WindowWidth", "VOILUTFunction")
 def is_dicom_file(path) -> bool:
     """True for a ``.dcm``/``.dicom`` name or a file whose bytes 128..131 are ``DICM`` (PS3.10 preamble).
 
-    Image-extension files are sniffed too (a DICOM named ``.jpg`` is still DICOM); a file named
-    ``DICOMDIR`` (a media index, not an image) is not treated as DICOM when met in a folder walk --
-    the caller decides; here it is reported like any DICOM file.  Never raises.
+    Files with an image extension are sniffed too (a DICOM named explicitly as ``x.jpg`` is still
+    DICOM); ``is_dicom_in_folder`` is the stricter rule for folder walks.  Never raises.
     """
     path = os.fspath(path)
     if os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS:
@@ -191,9 +190,8 @@ class DicomVolume:
             if isinstance(grey, ImageError):
                 yield number, grey
                 continue
-            mode = "L" if grey.ndim == 2 else "RGB"
-            try:
-                yield number, to_model_input(Image.fromarray(grey, mode), image_size)
+            try:  # uint8 [h, w] -> mode L, [h, w, 3] -> RGB
+                yield number, to_model_input(Image.fromarray(grey), image_size)
             except ValueError as exc:
                 yield number, ImageError(self.path, f"frame {number}: {exc}")
 
