@@ -432,3 +432,11 @@ def test_is_dicom_file(tmp_path):
         dicom.open_volume(tmp_path / "a.dcm")
     with pytest.raises(dicom.ImageError, match="file not found"):
         dicom.open_volume(tmp_path / "missing.dcm")
+
+
+def test_without_pydicom_a_dicom_file_is_an_error_row(tmp_path, monkeypatch):
+    (tmp_path / "a.dcm").write_bytes(bytes(128) + b"DICM" + bytes(64))
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
+    assert dicom.import_pydicom() is None
+    with pytest.raises(dicom.ImageError, match="pydicom is not installed"):
+        dicom.open_volume(tmp_path / "a.dcm")
