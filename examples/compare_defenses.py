@@ -148,7 +148,7 @@ def machine() -> dict:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    from medrobust.train import package_versions
+    from medrobust.io import package_versions
 
     return {"cpu": model, "cores": cores, "gpu": "none used", **package_versions()}
 

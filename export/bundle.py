@@ -300,7 +300,7 @@ def _sha256(path: Path) -> str:
 
 def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source, threshold, entries, onnx,
               opset) -> dict:
-    from medrobust.train import package_versions
+    from medrobust.io import package_versions
     from export import converters
 
     image_size = int(config["image_size"])

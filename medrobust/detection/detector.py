@@ -43,7 +43,7 @@ from keras import layers, ops
 
 from medrobust.detection import scores as S
 from medrobust.detection.autoencoder import build_autoencoder, train_autoencoder
-from medrobust.io import atomic_save_model, atomic_write_bytes, atomic_write_json, read_json
+from medrobust.io import atomic_save_model, atomic_write_bytes, atomic_write_json, package_versions, read_json
 from medrobust.models import feature_model
 
 PARTS = ("reconstruction", "feature", "mahalanobis", "boundary")
@@ -271,8 +271,6 @@ class Detector:
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, path) -> Path:
         """Write the folder path/ with autoencoder.keras, detector.json and stats.npz (no pickle)."""
-        from medrobust.train import package_versions
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_save_model(self.autoencoder, path / AUTOENCODER_FILE)
