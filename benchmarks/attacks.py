@@ -64,7 +64,9 @@ def art_apgd(classifier, eps: float, steps: int, batch_size: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medrobust.cli import ArgumentParser  # names the closest option on a typo
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256, help="images per attack call")
     parser.add_argument("--size", type=int, default=28, help="image side (pixels)")
     parser.add_argument("--width", type=int, default=None, help="small CNN width (default: the model's default)")
@@ -73,6 +75,9 @@ def main() -> None:
     parser.add_argument("--jit", action="store_true", help="also time our attacks with jit_compile=True (XLA)")
     parser.add_argument("--skip-art", action="store_true", help="only our attacks and the eager loop")
     args = parser.parse_args()
+    from medrobust.cli import import_tensorflow
+
+    import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
 
     import keras
     import tensorflow as tf

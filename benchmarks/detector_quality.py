@@ -21,7 +21,6 @@ Figures on the phantom are labelled SYNTHETIC: they are computer-generated image
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,7 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from medrobust.cli import ArgumentParser  # names the closest option on a typo
+
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="phantom", help="phantom | octmnist | path (see medrobust.data.load_data)")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--phantom-size", default="4000,2000,2000", help="phantom train,val,test sizes")
@@ -89,6 +90,9 @@ def find_real_scans(arg):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    from medrobust.cli import import_tensorflow
+
+    import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
     from sklearn.metrics import roc_auc_score
 
     from medrobust.attacks import PGD, accuracy, attack_batches, predict_labels

@@ -245,7 +245,9 @@ def _dicom_subprocess(bundle: Path, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from medrobust.cli import ArgumentParser  # names the closest option on a typo
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="trained run folder (default: train a throwaway one)")
     parser.add_argument("--width", type=int, default=32, help="small CNN width of the throwaway run")
     parser.add_argument("--images", help="folder of images for medrobust-screen (default: the real scans)")
@@ -268,8 +270,9 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return 0
+    from medrobust.cli import import_tensorflow
 
-    import tensorflow as tf
+    tf = import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)

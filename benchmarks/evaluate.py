@@ -22,7 +22,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medrobust.cli import ArgumentParser  # names the closest option on a typo
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained run folder (default: train a quick phantom system)")
     parser.add_argument("--n", type=int, default=1000, help="test images")
     parser.add_argument("--eps", default="0.001,0.002,0.004,0.008")

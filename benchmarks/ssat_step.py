@@ -25,7 +25,9 @@ import numpy as np
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medrobust.cli import ArgumentParser  # names the closest option on a typo
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64, help="labeled and unlabeled batch size")
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--arch", default="small_cnn")
@@ -36,6 +38,9 @@ def main() -> None:
     parser.add_argument("--jit", action="store_true", help="XLA-compile every step (jit_compile=True)")
     parser.add_argument("--no-variants", action="store_true", help="skip SSAT's joint-forward and PGD variants")
     args = parser.parse_args()
+    from medrobust.cli import import_tensorflow
+
+    import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
 
     import keras
     import tensorflow as tf

@@ -33,7 +33,9 @@ DEFAULT_EPS = "0.001,0.002,0.003,1/255,2/255,4/255,8/255"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medrobust.cli import ArgumentParser  # names the closest option on a typo
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="phantom", help="phantom | octmnist | auto | PATH (as the train CLI)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--fractions", default="0.1,1.0", help="label fractions every method trains at")

@@ -16,12 +16,14 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
       out: bundle folder to write (an existing bundle there is replaced).
       quantize: int8 (default: float32 I/O, int8 layers) | float16 | none (float32).
       onnx: true to also write ONNX models (float32, plus ONNX Runtime int8 with --quantize int8).
-      data: source of the int8 calibration images (default: the run's --data; its train split).
+      data: source of the int8 calibration images (default: the data the run was trained on; its train
+        split).
       calibration: number of int8 calibration images.
       int8_scope: mixed (default: int8 layers; float32 first layer and score arithmetic) | full (full-integer).
       opset: ONNX opset (>= 17).
       recalibrate: set the threshold of quantized TFLite models again on their own clean validation
         scores (true by default; quantization shifts the anomaly score).
+      progress: true | false: print what is being converted.
     """
     from export.bundle import bundle as run_bundle
 
@@ -37,13 +39,15 @@ def verify(bundle: str, data: str | None = None, limit: int | None = None, run: 
 
     Args:
       bundle: bundle folder.
-      data: dataset to test on (default: the source run's --data; its test split).
+      data: dataset to test on (default: the data the source run was trained on; its test split).
       limit: at most this many test images (seeded, class-stratified).
       run: the source run folder if it moved since the export.
       eps: L-inf budget of PGD (transfer) and Square Attack (on the TFLite classifier), [0, 1] scale.
       pgd_steps: PGD steps.
       square_queries: Square Attack queries per image (0 skips it).
       square_limit: number of images attacked by Square.
+      seed: random seed (the --limit sample and the attacks).
+      progress: true | false: show progress.
     """
     from export.verify import verify as run_verify
 

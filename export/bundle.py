@@ -50,7 +50,7 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
       out: bundle folder to write (created; an existing bundle there is replaced).
       quantize: int8 (default; float32 I/O, int8 layers) | float16 | none (float32).
       onnx: true to also write ONNX models (float32; plus ONNX Runtime int8 with --quantize int8).
-      data: where the int8 calibration images come from (default: the run's own --data); the
+      data: where the int8 calibration images come from (default: the data the run was trained on); the
         calibration set is a seeded sample of its train split.
       calibration: number of calibration images (int8 only).
       int8_scope: mixed (default: int8 layers, float32 for the first layer on the raw image and for
@@ -60,6 +60,7 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
       recalibrate: for quantized TFLite models, set the detector threshold again on the exported
         model's own scores of the clean validation split (quantization shifts the scores, and with the
         Keras threshold the edge model would refer more clean scans than the target rate).
+      progress: true | false: print what is being converted.
     """
     quantize = str(quantize).lower()
     if quantize not in QUANTIZE:

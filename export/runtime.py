@@ -38,7 +38,6 @@ arguments or when no image file was found, 130 when interrupted.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -46,13 +45,14 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from medrobust.data.images import IMAGE_EXTENSIONS, ImageError, is_image_filename, load_image
+from medrobust.cli import ArgumentParser
+from medrobust.io import mkstemp_beside
 
 from export import dicom as dicom_files
 from export import volume as volumes
@@ -333,7 +333,7 @@ class _Sink:
             folder = os.path.dirname(os.path.abspath(out))
             if not os.path.isdir(folder):
                 raise BundleError(f"--out: folder {folder} does not exist")
-            fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+            fd, self.tmp = mkstemp_beside(os.path.join(folder, os.path.basename(out)))  # umask mode
             self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
         else:
             self.tmp, self.file = None, sys.stdout
@@ -383,8 +383,8 @@ def _json_row(row: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------- main
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(  # medrobust.cli's: names the closest option on a typo
         prog="medrobust-screen",
         description="Screen retinal OCT scans with an exported medrobust bundle (LiteRT, no TensorFlow). "
                     "One row per image: file, verdict (classify|refer|error), class, confidence, "

@@ -33,13 +33,15 @@ def verify(bundle: str, data: str | None = None, limit: int | None = None, run: 
 
     Args:
       bundle: bundle folder written by `python -m export bundle`.
-      data: dataset to test on (default: the source run's --data); its test split is used.
+      data: dataset to test on (default: the data the source run was trained on); its test split is used.
       limit: test on at most this many images (a seeded, class-stratified sample).
       run: the source run folder, if it moved since the export (default: manifest source_run.path).
       eps: L-inf budget of the PGD and Square attacks, [0, 1] pixel scale.
       pgd_steps: PGD steps.
       square_queries: Square Attack queries per image against the TFLite classifier (0 = skip).
       square_limit: images attacked by Square (the first ones of the test sample).
+      seed: random seed (the --limit sample and the attacks).
+      progress: true | false: show progress.
     """
     if limit is not None and int(limit) < 1:
         raise cli.UsageError(f"--limit must be a positive integer, got {limit}")

@@ -22,11 +22,20 @@ def evaluate(run: str, data: str | None = None, attacks="fgsm,pgd,apgd,cw,square
 
     Args:
       run: a folder written by python -m medrobust.train.
-      data: test data (default: what the run was trained on).
+      data: test data (default: the data the run was trained on, as recorded in its config.json; another
+        source is named in a warning).
       attacks: any of fgsm, pgd, apgd, cw, square (comma-separated).
       eps: L-inf budgets in [0, 1] pixel scale (0.002 ~ 0.5/255).
       adaptive: also attack classifier and detector together (PGD/APGD), reporting the worst case.
       limit: evaluate on the first N test images of a fixed shuffle (quick runs).
+      out: report folder (default: RUN/eval).
+      batch_size: images per attack batch.
+      pgd_steps: PGD iterations.
+      apgd_steps: APGD-CE iterations.
+      cw_steps: Carlini-Wagner L2 optimisation steps.
+      square_queries: Square Attack queries per image.
+      seed: random seed (the --limit shuffle and the attacks' random starts).
+      progress: true | false: show progress bars.
     """
     from medrobust.evaluation.suite import ATTACK_NAMES
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -103,7 +104,8 @@ class Detector:
                   f"training the autoencoder for {epochs} epochs", flush=True)
         autoencoder = build_autoencoder(image_size, width=ae_width, latent=ae_latent)
         history = train_autoencoder(autoencoder, x_train, epochs=epochs, batch_size=batch_size,
-                                    noise_std=noise_std, seed=seed)
+                                    noise_std=noise_std, seed=seed,
+                                    verbose=(1 if sys.stdout.isatty() else 2) if progress else 0)
         config = {
             "format": FORMAT, "image_size": image_size, "num_classes": int(logits.shape[1]),
             "feature_dim": int(features.shape[1]), "gaussian_labels": "predicted" if y_train is None else "given",
