@@ -59,7 +59,9 @@ def main() -> None:
     methods = {  # name: (method, options, batch)
         "standard": ("standard", {}, (x, y)),
         "ssat (fgsm)": ("ssat", {}, ((x, x_u), y)),
-        "ssat (fgsm, snapshot teacher: CLI default)": ("ssat", dict(teacher="snapshot"), ((x, x_u), y)),
+        # pretrain_steps=1: the snapshot is taken in the first warm-up step, so every timed step is adversarial.
+        "ssat (fgsm, snapshot teacher: CLI default)": ("ssat", dict(teacher="snapshot", pretrain_steps=1),
+                                                       ((x, x_u), y)),
         f"pgd_at-{k}": ("pgd_at", dict(eps=0.004, steps=k), (x, y)),
         f"trades-{k}": ("trades", dict(eps=0.004, steps=k), (x, y)),
     }
