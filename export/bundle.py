@@ -221,11 +221,11 @@ def _dataset(data, config: dict, image_size: int, log):
     if isinstance(data, np.ndarray):
         return data
     if data is None or isinstance(data, str):
-        from medrobust.data import load_data
+        from medrobust.data import load_run_data, run_data_argument
 
-        name = data or config.get("data", "auto")
-        log(f"export data: {name} (int8 calibration: train split; threshold: validation split)")
-        data = load_data(name, image_size=image_size, seed=int(config.get("seed", 0)))
+        log(f"export data: {data or run_data_argument(config)} (int8 calibration: train split; "
+            "threshold: validation split)")
+        data = load_run_data(config, data, image_size=image_size)
     x = data["train"][0]
     if x.shape[1:] != (image_size, image_size, 1):
         raise cli.UsageError(f"export images are {x.shape[1:]}, the model takes ({image_size}, {image_size}, 1)")

@@ -148,10 +148,9 @@ def _test_data(data, config: dict, image_size: int, limit, seed: int, log):
         x, y, source = np.asarray(data[0], np.float32), np.asarray(data[1]), "given arrays"
     else:
         if data is None or isinstance(data, str):
-            from medrobust.data import load_data
+            from medrobust.data import load_run_data
 
-            name = data or config.get("data", "auto")
-            data = load_data(name, image_size=image_size, seed=int(config.get("seed", 0)))
+            data = load_run_data(config, data, image_size=image_size)  # default: the run's own data
         x, y = data["test"]
         source = f"test split of {data.source}" + (" (SYNTHETIC phantom)" if data.synthetic else "")
     if x.shape[1:] != (image_size, image_size, 1):

@@ -50,16 +50,16 @@ def evaluate(run: str, data: str | None = None, attacks="fgsm,pgd,apgd,cw,square
         raise cli.UsageError(f"--limit must be a positive integer, got {limit}")
     config = read_json(run_dir / "config.json")
     out_dir = Path(str(out)) if out else run_dir / "eval"
-    return _evaluate(run_dir, config, data or config["data"], names, budgets, cli.parse_bool(adaptive, "adaptive"),
+    return _evaluate(run_dir, config, data, names, budgets, cli.parse_bool(adaptive, "adaptive"),
                      limit, out_dir, batch_size, seed, cli.parse_bool(progress, "progress"),
                      dict(pgd_steps=pgd_steps, apgd_steps=apgd_steps, cw_steps=cw_steps, square_queries=square_queries))
 
 
 def _evaluate(run_dir, config, data, names, budgets, adaptive, limit, out_dir, batch_size, seed, progress, steps):
-    from medrobust.data import load_data
+    from medrobust.data import load_run_data
 
-    # Data first: a bad dataset fails in a second, before TensorFlow loads.
-    dataset = load_data(str(data), image_size=config["image_size"], seed=config.get("seed", 0))
+    # Data first: a bad dataset fails in a second, before TensorFlow loads. Default: the run's own data.
+    dataset = load_run_data(config, data)
     cli.import_tensorflow()
     import keras
     import numpy as np

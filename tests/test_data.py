@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 
 import numpy as np
@@ -85,11 +86,55 @@ def test_download_with_wrong_checksum_fails_and_keeps_nothing(tmp_path, monkeypa
 
 def test_local_copy_in_medrobust_data_is_found_without_download(tmp_path, monkeypatch):
     _fake_octmnist(tmp_path / "octmnist.npz")
+    monkeypatch.setitem(octmnist.FILES, 28, ("octmnist.npz", _md5(tmp_path / "octmnist.npz")))
     monkeypatch.setenv("MEDROBUST_DATA", str(tmp_path))
     monkeypatch.setattr(octmnist, "download", lambda *a, **k: pytest.fail("must not download"))
     data = load_data("auto")
     assert not data.synthetic and data.source.startswith("octmnist:")
     assert len(data["test"][1]) == 12
+
+
+def _truncated_download(tmp_path, monkeypatch):
+    """The release (a stand-in, its MD5 patched in) behind a file:// origin, and a killed download of it in
+    the Keras cache where get_file keeps it."""
+    import functools
+
+    source = _fake_octmnist(tmp_path / "source.npz")
+    monkeypatch.setitem(octmnist.FILES, 28, ("octmnist.npz", _md5(source)))
+    monkeypatch.setenv("MEDROBUST_DATA", str(tmp_path / "nothing_here"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    cached = tmp_path / "keras" / "datasets" / "medrobust" / "octmnist.npz"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(source.read_bytes()[:1000])
+    monkeypatch.setattr(octmnist, "download", functools.partial(octmnist.download, origin=source.as_uri()))
+    return source, cached
+
+
+def test_a_killed_download_in_the_cache_is_fetched_again(tmp_path, monkeypatch):
+    source, cached = _truncated_download(tmp_path, monkeypatch)
+    data = load_data("auto")
+    assert not data.synthetic and data.source == f"octmnist:{cached}" and len(data["test"][1]) == 12
+    assert _md5(cached) == _md5(source)
+
+
+def test_a_killed_download_offline_is_named(tmp_path, monkeypatch):
+    _, cached = _truncated_download(tmp_path, monkeypatch)
+    monkeypatch.setattr(octmnist, "download", lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
+    with pytest.warns(UserWarning, match=f"{re.escape(str(cached))} failed its MD5 check.*SYNTHETIC"):
+        assert load_data("auto", phantom_size=(40, 8, 8)).synthetic
+    with pytest.raises(ValueError, match=f"{re.escape(str(cached))} failed its MD5 check.*delete it"):
+        load_data("octmnist")
+
+
+def test_a_copy_in_medrobust_data_that_is_not_the_release_is_an_error_naming_it(tmp_path, monkeypatch):
+    path = _fake_octmnist(tmp_path / "octmnist.npz")
+    monkeypatch.setenv("MEDROBUST_DATA", str(tmp_path))
+    monkeypatch.setattr(octmnist, "download", lambda *a, **k: pytest.fail("must not download over the user's file"))
+    for name in ("auto", "octmnist"):
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}: not the OCTMNIST release .*--data"):
+            load_data(name)
+    assert path.is_file()  # the user's file: named, never deleted
+    assert load_data(str(path)).source == f"octmnist:{path}"  # given as a path, it is used as it is
 
 
 def test_auto_falls_back_to_phantom_with_a_warning(tmp_path, monkeypatch):

@@ -28,6 +28,9 @@ class OCTData:
     image_size: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     classes: tuple[str, ...] = CLASSES
+    # The `data` argument of load_data that gives these data again from any folder: 'phantom',
+    # 'octmnist' (the MD5-checked release) or an absolute path.
+    argument: str = ""
 
     def __getitem__(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return self.splits[split]
@@ -53,21 +56,27 @@ def load_data(data: str = "auto", image_size: int = 28, seed: int = 0, data_dir:
     if data == "phantom":
         return _phantom(image_size, seed, phantom_size)
     if data in ("auto", "octmnist"):
-        path = octmnist.find_local(image_size, data_dir)
+        corrupt: list[Path] = []
+        path = octmnist.find_local(image_size, data_dir, corrupt=corrupt)
+        # A cached copy that fails its MD5 (e.g. a killed download) is fetched again by get_file.
+        note = "".join(f"; the cached copy {p} failed its MD5 check (incomplete or corrupt)"
+                       + (", delete it" if p.exists() else "") for p in corrupt)
         if path is None and download:
             try:
                 path = octmnist.download(image_size)
             except Exception as exc:  # offline, refused, bad checksum: all mean "not available"
                 reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
                 if data == "octmnist":
-                    raise ValueError(f"OCTMNIST is not on disk and could not be downloaded ({reason})") from None
-                warnings.warn(f"OCTMNIST not found locally and not downloadable ({reason}); "
+                    raise ValueError(f"OCTMNIST is not on disk and could not be downloaded ({reason}){note}") from None
+                warnings.warn(f"OCTMNIST not found locally and not downloadable ({reason}){note}; "
                               "using the SYNTHETIC OCT phantom instead.", stacklevel=2)
         if path is None:
             if data == "octmnist":
-                raise ValueError("OCTMNIST is not on disk (set MEDROBUST_DATA or allow the download)")
+                raise ValueError(f"OCTMNIST is not on disk (set MEDROBUST_DATA or allow the download){note}")
             return _phantom(image_size, seed, phantom_size)
-        return _from_npz(path, image_size, seed)
+        loaded = _from_npz(path, image_size, seed)
+        loaded.argument = "octmnist"  # the MD5-checked release, wherever it is found next time
+        return loaded
     path = Path(data).expanduser()
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder (expected auto, phantom, octmnist, a .npz or a folder)")
@@ -78,12 +87,58 @@ def load_data(data: str = "auto", image_size: int = 28, seed: int = 0, data_dir:
     return _from_folder(path, image_size, seed)
 
 
+def run_data_argument(config: dict) -> str:
+    """The `data` argument that gives a trained run's data again, from its config.json.
+
+    'data_resolved' (recorded since medrobust.train records it), else derived from 'data_source'
+    ('phantom', 'octmnist:PATH', 'folder:PATH'), else the --data the run was given.
+    """
+    if config.get("data_resolved"):
+        return str(config["data_resolved"])
+    source = str(config.get("data_source") or "")
+    kind, _, path = source.partition(":")
+    if source == "phantom" or (kind in ("octmnist", "folder") and path):
+        return "phantom" if source == "phantom" else path
+    return str(config.get("data", "auto"))
+
+
+def load_run_data(config: dict, data: str | None = None, image_size: int | None = None,
+                  seed: int | None = None) -> OCTData:
+    """The data for evaluating or exporting a trained run: by default the data it was trained on.
+
+    config: the run's config.json. data: another source (any load_data argument); then, if it gives
+    other data than the run was trained on, a warning names both. image_size and seed default to the
+    run's. Raises ValueError if the recorded data is no longer there (naming it) or cannot be loaded.
+    """
+    image_size = int(config["image_size"]) if image_size is None else image_size
+    seed = int(config.get("seed", 0)) if seed is None else seed
+    recorded = run_data_argument(config)
+    if data is None:
+        if recorded not in ("auto", "phantom", "octmnist") and not Path(recorded).exists():
+            raise ValueError(f"{recorded}: the data this run was trained on is no longer there; restore it or pass "
+                             "--data to choose the data")
+        return load_data(recorded, image_size=image_size, seed=seed)
+    dataset = load_data(str(data), image_size=image_size, seed=seed)
+    trained_on = config.get("data_source")
+    if trained_on and not _same_data(dataset, recorded):
+        kind = " (SYNTHETIC phantom)" if config.get("synthetic_data") else ""
+        warnings.warn(f"DIFFERENT DATA: --data {data} gives {dataset.describe()}, but this run was trained on "
+                      f"{trained_on}{kind}; the figures are not on the data the run was trained on", stacklevel=2)
+    return dataset
+
+
+def _same_data(dataset: OCTData, recorded: str) -> bool:
+    if recorded in ("phantom", "octmnist", "auto"):
+        return dataset.argument == recorded
+    return dataset.argument == str(Path(recorded).expanduser().resolve())
+
+
 def _phantom(image_size: int, seed: int, sizes: tuple[int, int, int]) -> OCTData:
     from medrobust.data.phantom import phantom_splits
 
     n_train, n_val, n_test = sizes
     splits = phantom_splits(image_size=image_size, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
-    return OCTData(splits, source="phantom", synthetic=True, image_size=image_size)
+    return OCTData(splits, source="phantom", synthetic=True, image_size=image_size, argument="phantom")
 
 
 def _from_npz(path: Path, image_size: int, seed: int) -> OCTData:
@@ -92,7 +147,8 @@ def _from_npz(path: Path, image_size: int, seed: int) -> OCTData:
     splits = load_npz(path, image_size)
     if "val" not in splits:
         splits["train"], splits["val"] = _carve_val(*splits["train"], seed)
-    return OCTData(splits, source=f"octmnist:{path}", synthetic=False, image_size=image_size)
+    return OCTData(splits, source=f"octmnist:{path}", synthetic=False, image_size=image_size,
+                   argument=str(Path(path).expanduser().resolve()))
 
 
 def _from_folder(path: Path, image_size: int, seed: int) -> OCTData:
@@ -109,7 +165,8 @@ def _from_folder(path: Path, image_size: int, seed: int) -> OCTData:
         splits, skipped = _split_by_patient(part, seed), part.skipped
     for file, reason in skipped:
         warnings.warn(f"skipped {file}: {reason}", stacklevel=3)
-    return OCTData(splits, source=f"folder:{path}", synthetic=False, image_size=image_size, skipped=skipped)
+    return OCTData(splits, source=f"folder:{path}", synthetic=False, image_size=image_size, skipped=skipped,
+                   argument=str(path.expanduser().resolve()))
 
 
 def _carve_val(x: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.1):

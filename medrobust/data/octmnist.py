@@ -6,6 +6,7 @@ to 28x28 (or 64/128/224 in MedMNIST+). Labels: 0 CNV, 1 DME, 2 DRUSEN, 3 NORMAL.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ FILES = {
     224: ("octmnist_224.npz", "abc493b6d529d5de7569faaef2773ba3"),
 }
 SPLITS = ("train", "val", "test")
-CACHE_SUBDIR = "medrobust"
+CACHE_SUBDIR = "datasets/medrobust"  # under the Keras home, beside keras.datasets' files
 
 
 def native_size(image_size: int) -> int:
@@ -31,23 +32,55 @@ def native_size(image_size: int) -> int:
     return max(FILES)
 
 
-def find_local(image_size: int, data_dir: str | os.PathLike | None = None) -> Path | None:
-    """An OCTMNIST file already on disk: in data_dir / $MEDROBUST_DATA, or in the Keras cache."""
-    name = FILES[native_size(image_size)][0]
-    candidates = []
+def keras_cache_dir() -> Path:
+    """Where keras.utils.get_file keeps our downloads: $KERAS_HOME (or ~/.keras) / datasets/medrobust."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras").expanduser() / CACHE_SUBDIR
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_local(image_size: int, data_dir: str | os.PathLike | None = None,
+               corrupt: list[Path] | None = None) -> Path | None:
+    """An OCTMNIST file already on disk whose MD5 matches the release: in data_dir / $MEDROBUST_DATA,
+    or in the Keras download cache.
+
+    A file in data_dir / $MEDROBUST_DATA that fails the MD5 check is an error naming it (it is the
+    user's file: we neither use nor delete it). A cached download that fails it (e.g. a killed
+    download) is skipped and appended to `corrupt`, so the caller downloads it again.
+    """
+    name, md5 = FILES[native_size(image_size)]
     for folder in (data_dir, os.environ.get("MEDROBUST_DATA")):
         if folder:
-            candidates += [Path(folder) / name, Path(folder) / "octmnist" / name]
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    candidates.append(keras_home / "datasets" / CACHE_SUBDIR / name)
-    return next((p for p in candidates if p.is_file()), None)
+            for path in (Path(folder) / name, Path(folder) / "octmnist" / name):
+                if path.is_file():
+                    found = md5sum(path)
+                    if found != md5:
+                        raise ValueError(
+                            f"{path}: not the OCTMNIST release (MD5 {found}, expected {md5}): incomplete or a "
+                            f"different file; delete or replace it, or pass it as --data {path} to use it as it is")
+                    return path
+    # get_file's cache (cache_subdir datasets/medrobust), and where earlier versions downloaded it.
+    for path in (keras_cache_dir() / name, keras_cache_dir().parent.parent / "medrobust" / name):
+        if path.is_file():
+            if md5sum(path) == md5:
+                return path
+            if corrupt is not None:
+                corrupt.append(path)
+    return None
 
 
 def download(image_size: int = 28, origin: str | None = None, cache_dir: str | None = None) -> Path:
     """Download (or reuse the cached copy of) OCTMNIST with keras.utils.get_file and verify its MD5.
 
     `origin` overrides the record URL (a file:// URL works, which is how the tests exercise this path).
-    Raises ValueError if the checksum does not match; the bad file is not kept.
+    get_file checks the MD5 of a cached copy too and downloads again if it fails. Raises ValueError if
+    the checksum of the download does not match; the bad file is not kept.
     """
     from medrobust.cli import import_tensorflow
 
@@ -58,7 +91,7 @@ def download(image_size: int = 28, origin: str | None = None, cache_dir: str | N
     origin = origin or f"{RECORD}/{name}?download=1"
     path = keras.utils.get_file(
         fname=name, origin=origin, file_hash=md5, hash_algorithm="md5",
-        cache_subdir=CACHE_SUBDIR, cache_dir=cache_dir,
+        cache_subdir=CACHE_SUBDIR, cache_dir=cache_dir or str(keras_cache_dir().parent.parent),
     )
     return Path(path)
 
