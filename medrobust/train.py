@@ -7,22 +7,27 @@ epoch (Keras BackupAndRestore); rerunning a finished run does nothing unless --o
 
 from __future__ import annotations
 
-import importlib.metadata
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from medrobust import cli
-from medrobust.io import atomic_save_model, atomic_write_json, read_json
+from medrobust.io import atomic_save_model, atomic_write_json, package_versions, read_json
 
 METHODS = ("ssat", "standard", "pgd_at", "trades")
 ATTACKS = ("fgsm", "pgd")
 STRATEGIES = ("none", "mirrored", "multiworker")
+ARCHS = ("small_cnn", "resnet18")  # medrobust.models.ARCHITECTURES, checked here before TensorFlow loads
 LR_SCHEDULES = ("cosine", "constant")
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
+# What this command writes into --out (and all --overwrite may remove): files, and folders with the
+# files in them that are ours (the detector's, see medrobust.detection.detector; Keras BackupAndRestore's;
+# TensorBoard's event files).
+RUN_FILES = ("classifier.keras", "config.json", "metrics.json", "training_log.csv")
+RUN_FOLDER_FILES = {"detector": ("autoencoder.keras", "detector.json", "stats.npz"),
+                    "backup": ("latest.weights.h5", "training_metadata.json", "latest.weights.h5.bkp",
+                               "training_metadata.json.bkp")}
 
 
 def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, epochs: int = 10,
@@ -37,16 +42,29 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     """Train a classifier with the chosen method and, unless --detector false, the UAD detector.
 
     Args:
-      data: auto | phantom | octmnist | PATH (.npz or a Kermany-style folder).
+      data: auto | phantom | octmnist | PATH (.npz or a Kermany-style folder). auto: OCTMNIST if on disk
+        or downloadable (MD5-checked), else the SYNTHETIC phantom with a warning. The data actually used
+        is recorded in config.json; evaluate and export use it by default.
       method: ssat | standard | pgd_at | trades.
-      label_fraction: share of training labels used (stratified); SSAT uses the rest as unlabeled data.
+      label_fraction: share of training labels used (stratified), in (0, 1]; SSAT uses the rest as
+        unlabeled data.
       epochs: training epochs; one epoch = ceil(n_train / batch_size) steps for every method.
+      image_size: side of the square grayscale input in pixels (OCTMNIST: 28, 64, 128 or 224).
+      out: run folder to write (classifier.keras, detector/, config.json, metrics.json, training_log.csv).
       eps: SSAT's per-sample FGSM/PGD budget range "min,max" in [0, 1] pixel scale (a single value = fixed).
-      lam: weight of SSAT's adversarial pseudo-label loss.
+      lam: weight of SSAT's adversarial pseudo-label loss (>= 0).
       attack: fgsm | pgd, how SSAT crafts its adversaries (pgd uses --pgd-steps).
+      detector: true | false: also fit the UAD detector on clean training images (no labels).
+      seed: random seed (data split, label subset, initialisation, shuffling).
+      arch: small_cnn | resnet18 (see medrobust.models).
+      width: channels of the first convolution (default: 32 for small_cnn, 16 for resnet18).
+      batch_size: labeled images per step.
+      unlabeled_batch_size: unlabeled images per SSAT step (default: --batch-size).
+      lr: Adam's (initial) learning rate.
       lr_schedule: cosine (Adam's learning rate decays to 0 over all epochs) | constant. The decay
         also settles BatchNorm's moving statistics, so the final model is not a mid-swing snapshot.
-      train_eps: the budget of PGD-AT and TRADES adversaries.
+      pgd_steps: PGD iterations for --attack pgd, PGD-AT and TRADES.
+      train_eps: the budget of PGD-AT and TRADES adversaries ([0, 1] pixel scale).
       beta: TRADES trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
       teacher: where SSAT's pseudo-labels come from: snapshot (a frozen copy of the model taken after
@@ -55,12 +73,18 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       pretrain_epochs: SSAT's labeled-only epochs before its adversarial loss switches on (at most half
         of --epochs).
       strategy: none | mirrored | multiworker (tf.distribute).
+      detector_epochs: training epochs of the detector's autoencoder.
       target_fpr: detector false-alarm rate on clean validation images.
+      overwrite: true | false: train again into a folder that holds a run (only that run's own files are
+        removed; other files stay).
+      tensorboard: true | false: also write TensorBoard logs to OUT/tensorboard.
+      progress: true | false: print per-epoch progress.
     """
     options = dict(locals())
     options.update(
         method=_choice(method, METHODS, "method"), attack=_choice(attack, ATTACKS, "attack"),
-        strategy=_choice(strategy, STRATEGIES, "strategy"), eps=cli.parse_floats(eps, "eps"),
+        strategy=_choice(strategy, STRATEGIES, "strategy"), arch=_choice(arch, ARCHS, "arch"),
+        eps=cli.parse_floats(eps, "eps"),
         lr_schedule=_choice(lr_schedule, LR_SCHEDULES, "lr-schedule"),
         detector=cli.parse_bool(detector, "detector"), overwrite=cli.parse_bool(overwrite, "overwrite"),
         tensorboard=cli.parse_bool(tensorboard, "tensorboard"), progress=cli.parse_bool(progress, "progress"),
@@ -80,6 +104,11 @@ def _train(o: dict, out_dir: Path) -> dict:
 
     # Data first: a bad dataset fails in a second, before TensorFlow loads.
     data = load_data(o["data"], image_size=o["image_size"], seed=o["seed"])
+    resumed = _run_config(out_dir)
+    if resumed is not None and resumed.get("data_source") not in (None, data.source):
+        again = resumed.get("data_resolved") or resumed["data_source"]
+        raise cli.UsageError(f"{out_dir} holds a run trained on {resumed['data_source']}, but --data {o['data']} "
+                             f"now gives {data.source}; pass --data {again} to resume it, or use another --out")
     cli.import_tensorflow()
     import keras
     import numpy as np
@@ -96,14 +125,12 @@ def _train(o: dict, out_dir: Path) -> dict:
     semi = o["method"] == "ssat" and len(unlabeled) > 0
     print(f"labels: {len(labeled)} labeled, {len(unlabeled)} unlabeled (fraction {o['label_fraction']})")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = {**{k: v for k, v in o.items() if k not in NOT_PART_OF_RUN}, "data_source": data.source,
-              "synthetic_data": data.synthetic, "n_labeled": int(len(labeled)), "n_unlabeled": int(len(unlabeled)),
-              "split_sizes": {s: int(len(data[s][1])) for s in data.splits}, "versions": package_versions(),
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    atomic_write_json(out_dir / "config.json", config)
-
+    # Everything that can fail before the first epoch comes before config.json (a run that never
+    # finished an epoch does not pin its options anyway, see _already_done).
     steps = steps_per_epoch(len(x_train), o["batch_size"])
+    train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
+                             x_unlabeled=x_train[unlabeled] if semi else None,
+                             unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"])
     strategy = make_strategy(o["strategy"])
     with strategy.scope():
         classifier = build_classifier(o["arch"], o["image_size"], o["width"])
@@ -117,9 +144,13 @@ def _train(o: dict, out_dir: Path) -> dict:
         trainer(np.zeros((1, o["image_size"], o["image_size"], 1), np.float32))
         trainer.optimizer.build(classifier.trainable_variables)
 
-    train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
-                             x_unlabeled=x_train[unlabeled] if semi else None,
-                             unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {**{k: v for k, v in o.items() if k not in NOT_PART_OF_RUN}, "data_source": data.source,
+              "data_resolved": data.argument, "synthetic_data": data.synthetic, "n_labeled": int(len(labeled)),
+              "n_unlabeled": int(len(unlabeled)), "split_sizes": {s: int(len(data[s][1])) for s in data.splits},
+              "versions": package_versions(), "command": cli.command_line()}
+    atomic_write_json(out_dir / "config.json", config)
+
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup"), delete_checkpoint=True),
         keras.callbacks.CSVLogger(str(out_dir / "training_log.csv"), append=True),
@@ -192,33 +223,95 @@ def make_strategy(name: str):
     return tf.distribute.get_strategy()
 
 
-def package_versions() -> dict:
-    names = ("medrobust", "tensorflow", "keras", "numpy", "scikit-learn", "tf2onnx", "onnxruntime", "ai-edge-litert")
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def _already_done(out_dir: Path, options: dict) -> bool:
-    """True if out_dir holds a finished run of these options; an error if it holds a different run."""
-    config_path = out_dir / "config.json"
+    """True if out_dir holds a finished run of these options; an error if it holds a different run.
+
+    A folder that is neither empty nor one of our runs is refused (nothing of it is touched). With
+    --overwrite true, or when the run there never finished an epoch (its options do not pin the
+    folder: a failed start must not block its corrected rerun), the run's own files are removed first.
+    """
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise cli.UsageError(f"--out {out_dir} is a file, not a folder")
+    old = _run_config(out_dir)
+    if old is None:
+        if any(not _is_our_temporary(p.name) for p in out_dir.iterdir()):
+            raise cli.UsageError(f"--out {out_dir} is not empty and holds no medrobust run (no config.json "
+                                 "written by medrobust.train); choose a new or empty folder")
+        return False
     if options["overwrite"]:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        _remove_run_files(out_dir, "--overwrite true: ")
         return False
-    if not config_path.exists():
-        return False
-    old = read_json(config_path)
     changed = sorted(k for k, v in options.items()
                      if k not in NOT_PART_OF_RUN and _normal(old.get(k)) != _normal(v))
+    if not _finished_an_epoch(out_dir):
+        if changed:
+            print(f"{out_dir}: the run there stopped before finishing an epoch, so its options do not hold; "
+                  f"starting again with these ({', '.join(changed)} changed)")
+        _remove_run_files(out_dir, "")
+        return False
     if changed:
         raise cli.UsageError(f"{out_dir} holds a run with other options ({', '.join(changed)}); "
                              "use another --out or --overwrite true")
     return (out_dir / "metrics.json").exists()
+
+
+def _run_config(out_dir: Path) -> dict | None:
+    """The config.json of a run written by this command in out_dir, or None if there is none."""
+    path = out_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = read_json(path)
+    except ValueError:
+        return None  # half-written or not ours: either way not a run this command can resume
+    return config if isinstance(config, dict) and {"method", "data_source", "versions"} <= set(config) else None
+
+
+def _finished_an_epoch(out_dir: Path) -> bool:
+    """Any sign of a finished epoch: a Keras backup, a row in the training log, a saved model or metrics."""
+    log = out_dir / "training_log.csv"
+    rows = len(log.read_text(encoding="utf-8", errors="replace").splitlines()) - 1 if log.is_file() else 0
+    return (rows > 0 or (out_dir / "backup").is_dir() or (out_dir / "classifier.keras").exists()
+            or (out_dir / "metrics.json").exists())
+
+
+def _is_our_temporary(name: str) -> bool:
+    """Temporary names of medrobust.io's atomic writes (.NAME.XXXX.tmp, .NAME.partial.keras)."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".partial.keras"))
+
+
+def _remove_run_files(out_dir: Path, why: str) -> None:
+    """Remove what this command wrote into out_dir (RUN_FILES, RUN_FOLDER_FILES, TensorBoard event files,
+    our temporary files) and nothing else; say what was removed and what was kept."""
+    removed, kept = [], []
+
+    def remove(path: Path) -> None:
+        path.unlink()
+        removed.append(str(path.relative_to(out_dir)))
+
+    for path in sorted(out_dir.iterdir()):
+        if path.is_file() and (path.name in RUN_FILES or _is_our_temporary(path.name)):
+            remove(path)
+        elif path.is_dir() and (path.name in RUN_FOLDER_FILES or path.name == "tensorboard"):
+            for inner in sorted(path.rglob("*"), reverse=True):  # files before their folders
+                ours = (inner.name.startswith("events.out.tfevents.") if path.name == "tensorboard"
+                        else inner.parent == path and (inner.name in RUN_FOLDER_FILES[path.name]
+                                                       or _is_our_temporary(inner.name)))
+                if inner.is_file() and ours:
+                    remove(inner)
+                elif inner.is_dir() and path.name == "tensorboard" and not any(inner.iterdir()):
+                    inner.rmdir()  # TensorBoard's train/ and validation/
+            if any(path.iterdir()):
+                kept.append(f"{path.name}/ (holds files medrobust.train did not write)")
+            else:
+                path.rmdir()
+        else:
+            kept.append(path.name + ("/" if path.is_dir() else ""))
+    if removed:
+        print(f"{why}removed the previous run's files in {out_dir}: {', '.join(removed)}"
+              + (f"; kept {', '.join(kept)}" if kept else ""))
 
 
 def _normal(value):
