@@ -270,6 +270,7 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return 0
+
     from medrobust.cli import import_tensorflow
 
     tf = import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)

@@ -50,8 +50,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from medrobust.data.images import IMAGE_EXTENSIONS, ImageError, is_image_filename, load_image
 from medrobust.cli import ArgumentParser
+from medrobust.data.images import IMAGE_EXTENSIONS, ImageError, is_image_filename, load_image
 from medrobust.io import mkstemp_beside
 
 from export import dicom as dicom_files
