@@ -385,21 +385,90 @@ class _ImageReader:
         self.i = 0
 
 
-# ONNX op types ONNX Runtime quantizes (the network layers); the score arithmetic stays float32, as in TFLite.
-ONNX_INT8_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MaxPool", "AveragePool", "GlobalAveragePool", "Relu")
+# ONNX op types ONNX Runtime quantizes: the network layers TFLite's mixed scope runs in int8 (CONV_2D,
+# TRANSPOSE_CONV, FULLY_CONNECTED, pooling) and the ReLU after them (ONNX Runtime folds it into the layer's
+# output range, as TFLite fuses it into the layer). What TFLite keeps in float32 (FLOAT_OPS: the score and
+# probability arithmetic, means such as global average pooling, softmax, reshapes) stays float32 here too.
+ONNX_INT8_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MaxPool", "AveragePool", "Relu")
+# Ops between the image and the first layer that only move or reshape it (tf2onnx's NHWC -> NCHW).
+_ONNX_PASS_THROUGH_OPS = ("Reshape", "Transpose", "Pad", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten")
 
 
-def quantize_onnx_int8(model_bytes: bytes, calibration: np.ndarray) -> bytes:
-    """ONNX Runtime static int8 quantization (QDQ, per-channel symmetric int8 weights, int8 activations,
-    MinMax calibration on `calibration`) of the layer ops (ONNX_INT8_OPS); inputs and outputs stay
-    float32."""
+def onnx_first_layer_nodes(proto) -> list[str]:
+    """Names of the layer nodes (ONNX_INT8_OPS) that read the graph's image input, directly or through
+    reshapes / transposes / padding: the ONNX counterpart of `first_layer_tensors`."""
+    init = {i.name for i in proto.graph.initializer}
+    frontier = {i.name for i in proto.graph.input if i.name not in init}
+    names: list[str] = []
+    for _ in range(6):  # pass-through chains are short
+        reached = set()
+        for node in proto.graph.node:
+            if not frontier & set(node.input):
+                continue
+            if node.op_type in ONNX_INT8_OPS and node.name not in names:
+                names.append(node.name)
+            elif node.op_type in _ONNX_PASS_THROUGH_OPS:
+                reached.update(node.output)
+        if not reached:
+            break
+        frontier = reached
+    return names
+
+
+def _float_graph_outputs(proto, reference) -> int:
+    """Replace every QuantizeLinear -> DequantizeLinear pair that ends in a graph output by an Identity of the
+    float tensor before it: the model's outputs are then the float32 values of the last layer, not values
+    rounded to an int8 grid. A pair is kept when the op before it is not the op that produced the output in
+    `reference` (the graph before quantization): then the quantizer folded an activation (e.g. a ReLU) into
+    that pair's range, and removing it would remove the activation. Returns how many pairs were removed."""
+    from onnx import helper
+
+    outputs = {o.name for o in proto.graph.output}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    reference_producer = {out: node.op_type for node in reference.graph.node for out in node.output}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    drop, nodes, removed = set(), [], 0
+    for node in proto.graph.node:
+        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        source = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if node.output[0] in outputs and source is not None \
+                and source.op_type == reference_producer.get(node.output[0]):
+            nodes.append(helper.make_node("Identity", [q.input[0]], [node.output[0]], name=f"{node.name}__float"))
+            if uses.get(q.output[0], 0) == 1 and q.output[0] not in outputs:
+                drop.add(id(q))
+            removed += 1
+            continue
+        nodes.append(node)
+    nodes = [n for n in nodes if id(n) not in drop]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {name for node in proto.graph.node for name in node.input}
+    unused = [init for init in proto.graph.initializer if init.name not in used]
+    for init in unused:  # the removed pairs' scales and zero points
+        proto.graph.initializer.remove(init)
+    return removed
+
+
+def quantize_onnx_int8(model_bytes: bytes, calibration: np.ndarray, int8_scope: str = "mixed") -> bytes:
+    """ONNX Runtime static int8 quantization with the TFLite recipe (QDQ, MinMax calibration on
+    `calibration`, per-channel symmetric int8 weights, int8 activations).
+
+    int8_scope "mixed" (default) matches the TFLite mixed scope: the layers in ONNX_INT8_OPS run in int8
+    except the first layer(s) reading the raw image (`onnx_first_layer_nodes`), which stay float32 like
+    TFLite's; the score and probability arithmetic stays float32; and no graph output passes through a
+    quantize/dequantize pair (the outputs are the float32 values of the last layer). "full" quantizes
+    the first layers too (outputs stay float32). Input and outputs are float32 in both.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if int8_scope not in INT8_SCOPES:
+        raise ValueError(f"int8_scope must be one of {', '.join(INT8_SCOPES)}, got {int8_scope!r}")
     reader_cls = type("ImageReader", (_ImageReader, CalibrationDataReader), {})
-    proto = onnx.load_from_string(model_bytes)
-    input_name = proto.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="medrobust-onnxq-") as tmp:
         src, pre, dst = (os.path.join(tmp, n) for n in ("float.onnx", "pre.onnx", "int8.onnx"))
         with open(src, "wb") as f:
@@ -408,13 +477,23 @@ def quantize_onnx_int8(model_bytes: bytes, calibration: np.ndarray) -> bytes:
             quant_pre_process(src, pre, skip_symbolic_shape=True)
         except Exception:  # pre-processing is an optimisation; quantize the model as it is
             pre = src
+        proto = onnx.load(pre)
+        for i, node in enumerate(proto.graph.node):  # nodes_to_exclude works on names
+            if not node.name:
+                node.name = f"{node.op_type}__{i}"
+        onnx.save(proto, pre)
+        input_name = proto.graph.input[0].name
+        exclude = onnx_first_layer_nodes(proto) if int8_scope == "mixed" else []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(pre, dst, reader_cls(calibration, input_name), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(ONNX_INT8_OPS), per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(ONNX_INT8_OPS), nodes_to_exclude=exclude, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-        with open(dst, "rb") as f:
-            return f.read()
+        quantized = onnx.load(dst)
+    _float_graph_outputs(quantized, proto)
+    onnx.checker.check_model(quantized)
+    return quantized.SerializeToString()
 
 
 def onnx_session(model_bytes: bytes, num_threads: int = 1):
