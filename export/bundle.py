@@ -11,17 +11,24 @@ Writes into --out:
 * with --onnx true: ``screening.onnx``, ``classifier.onnx``, ``detector.onnx`` (float32, tf2onnx) and,
   with --quantize int8, ``*.int8.onnx`` (ONNX Runtime static int8),
 * ``manifest.json``: classes, input spec, preprocessing rule, quantization, threshold, verdict rule,
-  the sha256 and size of every file, package versions and the source run.
+  the sha256 and size of every file, package versions and the source run (and its training data),
+* with --signing-key KEY: ``signature.json``, an Ed25519 signature over manifest.json (export.signing).
 
-Every file is written to a temporary name and renamed into place; the old manifest is removed first
-and the new one written last, so an interrupted export leaves a folder the runtime refuses (no
-manifest) rather than a bundle that mixes two exports.
+The tool writes only into a folder it owns: --out must be new, empty, or a bundle an earlier export
+wrote (its manifest.json, or the ``export-in-progress.json`` an interrupted export leaves). It then
+replaces or removes only the files that export wrote; any other file in the folder is left alone.
+Every file is written to a temporary name and renamed into place; ``export-in-progress.json`` (the
+files this export may write) comes first, the old manifest and signature are removed next, and the
+new manifest and signature are written last, so an interrupted export leaves a folder the runtime
+refuses (no manifest) rather than a bundle that mixes two exports.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -30,36 +37,44 @@ from medrobust.classes import CLASSES
 from medrobust.io import atomic_write_bytes, atomic_write_json, read_json
 
 from export.runtime import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, OUTPUT_FLAG, OUTPUT_PROBABILITIES,
-                            OUTPUT_SCORE, VERDICT_RULE)
+                            OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE)
+from export.signing import SIGNATURE
 
 QUANTIZE = ("int8", "float16", "none")
 PREPROCESSING_RULE = ("medrobust.data.images.load_image: EXIF orientation; one grey channel (ITU-R 601-2 luma; "
                       "alpha composited on black; 16-bit images scaled by 1/65535); centred square crop of the "
                       "short edge; Pillow BOX (area) resize to image_size; 8-bit rounding, /255; float32 "
                       "[image_size, image_size, 1] in [0, 1]")
-_EXPORT_SUFFIXES = (".tflite", ".onnx")
+IN_PROGRESS = "export-in-progress.json"
+PARITY = "parity.json"
 
 
 def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str | None = None,
            calibration: int = 1000, int8_scope: str = "mixed", opset: int = 17, recalibrate="true",
-           progress="true") -> dict:
+           signing_key: str | None = None, passphrase_env: str | None = None, progress="true") -> dict:
     """Export a trained run as an edge bundle.
 
     Args:
       run: run folder (classifier.keras, config.json, detector/).
-      out: bundle folder to write (created; an existing bundle there is replaced).
+      out: bundle folder to write: new, empty, or a bundle an earlier export wrote (its files are
+        replaced; files the tool did not write are left alone; any other non-empty folder is refused).
       quantize: int8 (default; float32 I/O, int8 layers) | float16 | none (float32).
-      onnx: true to also write ONNX models (float32; plus ONNX Runtime int8 with --quantize int8).
+      onnx: true to also write ONNX models (float32; plus ONNX Runtime int8 with --quantize int8, same
+        recipe as the TFLite int8 models).
       data: where the int8 calibration images come from (default: the data the run was trained on); the
         calibration set is a seeded sample of its train split.
       calibration: number of calibration images (int8 only).
       int8_scope: mixed (default: int8 layers, float32 for the first layer on the raw image and for
         the score/probability arithmetic) | full (full-integer, every op int8, for integer-only
-        accelerators).
+        accelerators). Applies to TFLite and ONNX int8 alike.
       opset: ONNX opset (>= 17).
-      recalibrate: for quantized TFLite models, set the detector threshold again on the exported
-        model's own scores of the clean validation split (quantization shifts the scores, and with the
-        Keras threshold the edge model would refer more clean scans than the target rate).
+      recalibrate: for quantized models (TFLite and ONNX int8), set the detector threshold again on the
+        exported model's own scores of the clean validation split (quantization shifts the scores, and
+        with the Keras threshold the edge model would refer more clean scans than the target rate).
+      signing_key: Ed25519 private key (from `python -m export keygen`) to sign the bundle with
+        (writes signature.json); without it the bundle is unsigned and medrobust-screen needs
+        --allow-unsigned.
+      passphrase_env: name of the environment variable holding the signing key's passphrase.
       progress: true | false: print what is being converted.
     """
     quantize = str(quantize).lower()
@@ -72,10 +87,50 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
     if int(opset) < 17:
         raise cli.UsageError(f"--opset must be >= 17, got {opset}")
     verbose = cli.parse_bool(progress, "progress")
+    key = load_signing_key(signing_key, passphrase_env) if signing_key is not None else None
+    if key is None and passphrase_env is not None:
+        raise cli.UsageError("--passphrase-env is for --signing-key; no key was given")
     return export_bundle(run, out, quantize=quantize, onnx=cli.parse_bool(onnx, "onnx"), data=data,
                          calibration=int(calibration), int8_scope=str(int8_scope), opset=int(opset),
-                         recalibrate=cli.parse_bool(recalibrate, "recalibrate"),
+                         recalibrate=cli.parse_bool(recalibrate, "recalibrate"), signing_key=key,
                          log=(lambda msg: print(msg, flush=True)) if verbose else (lambda msg: None))
+
+
+def load_signing_key(path, passphrase_env: str | None = None):
+    """The Ed25519 private key at `path` (its passphrase from the environment variable `passphrase_env`);
+    cli.UsageError with a one-line reason if it cannot be used."""
+    from export import signing
+
+    passphrase = None
+    if passphrase_env is not None:
+        value = os.environ.get(str(passphrase_env))
+        if not value:
+            raise cli.UsageError(f"--passphrase-env: environment variable {passphrase_env} is not set or empty")
+        passphrase = value.encode("utf-8")
+    try:
+        return signing.load_private_key(str(path), passphrase)
+    except signing.SignatureError as exc:
+        raise cli.UsageError(f"--signing-key {exc}") from None
+
+
+def sign_bundle(bundle_dir, key, log=print) -> dict:
+    """Write signature.json for a bundle whose files match its manifest (a bundle whose files were changed
+    is refused, not signed). `key` is a private key object or a key file. Returns the signature document."""
+    from export import signing
+    from export.runtime import BundleError, read_manifest, read_manifest_bytes, verify_files
+
+    bundle_dir = Path(bundle_dir)
+    if not hasattr(key, "sign"):
+        key = load_signing_key(key)
+    try:
+        raw = read_manifest_bytes(bundle_dir)
+        verify_files(bundle_dir, read_manifest(bundle_dir, raw))
+    except BundleError as exc:
+        raise cli.UsageError(f"not signing: {exc}") from None
+    doc = signing.sign_manifest(raw, key)
+    atomic_write_json(bundle_dir / SIGNATURE, doc)
+    log(f"signed {bundle_dir / MANIFEST} with key {doc['key_fingerprint']}: wrote {bundle_dir / SIGNATURE}")
+    return doc
 
 
 def check_run(run_dir: Path, need_detector: bool = True) -> dict:
@@ -94,6 +149,43 @@ def check_run(run_dir: Path, need_detector: bool = True) -> dict:
     return config
 
 
+def owned_files(out_dir: Path) -> set[str]:
+    """The files in out_dir that an earlier export wrote (this one may replace or remove them).
+
+    Raises cli.UsageError when out_dir is a file, or a non-empty folder that holds no bundle of ours
+    (no medrobust manifest.json and no export-in-progress.json): the export never removes or
+    overwrites a file it did not write."""
+    from export.runtime import _plain_name
+
+    if not out_dir.exists():
+        return set()
+    if not out_dir.is_dir():
+        raise cli.UsageError(f"--out {out_dir} is a file, not a folder")
+    present = {p.name for p in out_dir.iterdir()}
+    if not present:
+        return set()
+    listed: set[str] = set()
+    ours = False
+    for name in (MANIFEST, IN_PROGRESS):
+        if name not in present:
+            continue
+        try:
+            doc = json.loads((out_dir / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            doc = None
+        if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
+            raise cli.UsageError(f"--out {out_dir}: its {name} is not from a medrobust export; refusing to write "
+                                 "into a folder this tool did not make (choose a new or empty folder)")
+        files = doc.get("files")
+        listed |= {n for n in (files if isinstance(files, (dict, list)) else []) if _plain_name(n)}
+        ours = True
+    if not ours:
+        shown = ", ".join(sorted(present)[:5]) + (", ..." if len(present) > 5 else "")
+        raise cli.UsageError(f"--out {out_dir} is not empty and holds no medrobust bundle ({shown}); choose a new "
+                             "or empty folder (the export never removes files it did not write)")
+    return (listed | {MANIFEST, IN_PROGRESS, PARITY, SIGNATURE}) & present
+
+
 def load_detector(run_dir: Path, classifier):
     """The run's detector (medrobust.detection.Detector)."""
     try:
@@ -105,20 +197,23 @@ def load_detector(run_dir: Path, classifier):
 
 def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=None, calibration: int = 1000,
                   int8_scope: str = "mixed", opset: int = 17, recalibrate: bool = True, detector=None,
-                  log=print) -> dict:
+                  signing_key=None, log=print) -> dict:
     """The work behind `bundle`; returns the manifest. `detector` may be given (an object with
     `.threshold` and `.score_model()`) instead of loading run/detector/; `data` may be a data name
     or path, an OCTData, or an array of calibration images (then there is no validation split and
-    the Keras threshold is kept)."""
+    the Keras threshold is kept); `signing_key` (a private key object or key file) signs the bundle."""
     run_dir, out_dir = Path(run), Path(out)
     config = check_run(run_dir, need_detector=detector is None)
+    if out_dir.resolve() == run_dir.resolve():
+        raise cli.UsageError("--out must not be the run folder")
+    old_files = owned_files(out_dir)  # refuses a folder that is not ours, before any work
+    if signing_key is not None and not hasattr(signing_key, "sign"):
+        signing_key = load_signing_key(signing_key)
 
     cli.import_tensorflow()  # quietly, before anything else imports it
     from medrobust.models import load_classifier
     from export import converters, screening
 
-    if out_dir.resolve() == run_dir.resolve():
-        raise cli.UsageError("--out must not be the run folder")
     image_size = int(config["image_size"])
     started = time.time()
     log(f"loading {run_dir}")
@@ -128,7 +223,7 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
                              f"image_size {image_size} in config.json")
     if detector is None:
         detector = load_detector(run_dir, classifier)
-    threshold = float(detector.threshold)
+    threshold = screening.float32(detector.threshold)
     score_source = screening.score_function(detector, image_size)[2]
     log(f"detector: threshold {threshold:.6g}; score graph from {score_source}")
 
@@ -142,6 +237,11 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
             x_val = _validation_images(dataset, log)
     target_fpr = float(getattr(detector, "target_fpr", 0.05))
     thresholds = {}
+    probe = next((x for x in (x_val, calib) if x is not None), None)
+    if probe is None:
+        import numpy as np
+
+        probe = np.random.default_rng(0).uniform(0, 1, (16, image_size, image_size, 1)).astype(np.float32)
 
     models = {
         "screening": screening.screening_model(classifier, detector, threshold),
@@ -156,7 +256,14 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
     files = {_file_name(name, kind): (name, kind) for name, kind in plan}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_old_bundle(out_dir, keep=set(files))
+    atomic_write_json(out_dir / IN_PROGRESS, {
+        "format": BUNDLE_FORMAT, "note": "python -m export bundle was writing this folder and did not finish; "
+                                         "run it again (it replaces only the files listed here)",
+        "files": sorted(old_files | set(files) | {MANIFEST, SIGNATURE, PARITY})})
+    for name in (MANIFEST, SIGNATURE, PARITY):  # the folder is no bundle until the new manifest is written
+        (out_dir / name).unlink(missing_ok=True)
+    for name in sorted(old_files - set(files) - {IN_PROGRESS}):  # files of the earlier export this one drops
+        (out_dir / name).unlink(missing_ok=True)
     entries: dict[str, dict] = {}
     onnx_float: dict[str, bytes] = {}
     for i, (file_name, (name, kind)) in enumerate(files.items(), 1):
@@ -164,39 +271,49 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
         precision = converters.PRECISION[quantize] if kind == "tflite" else ("int8" if kind == "onnx-int8"
                                                                               else "float32")
         log(f"[{i}/{len(files)}] {file_name}: converting ({precision})...")
+        calibrated = {}
         if kind == "tflite":
             content = converters.to_tflite(models[name], quantize, calib, int8_scope)
-            calibrated = {}
             if x_val is not None and name in ("screening", "detector"):
-                content, calibrated = _recalibrate(content, name, classifier, detector, threshold, x_val, target_fpr,
-                                                   quantize, calib, int8_scope, log)
-                thresholds[name] = calibrated["threshold"]
+                content, calibrated = _recalibrate(content, name, "tflite", classifier, detector, threshold, x_val,
+                                                   target_fpr, quantize, calib, int8_scope, opset, log)
             details = {"format": "tflite", "precision": precision, **converters.tflite_io_details(content),
-                       "op_types": converters.tflite_op_summary(content), **calibrated}
+                       "op_types": converters.tflite_op_summary(content)}
         elif kind == "onnx":
             content = onnx_float[name] = converters.to_onnx(models[name], opset)
             details = {"format": "onnx", "precision": precision, "opset": opset, **_onnx_io(content)}
         else:
-            content = converters.quantize_onnx_int8(onnx_float[name], calib)
+            content = converters.quantize_onnx_int8(onnx_float[name], calib, int8_scope)
+            if x_val is not None and name in ("screening", "detector"):
+                content, calibrated = _recalibrate(content, name, "onnx-int8", classifier, detector, threshold,
+                                                   x_val, target_fpr, quantize, calib, int8_scope, opset, log)
             details = {"format": "onnx", "precision": precision, "opset": opset, **_onnx_io(content),
-                       "quantized_op_types": list(converters.ONNX_INT8_OPS)}
+                       "int8_scope": int8_scope, "quantized_op_types": list(converters.ONNX_INT8_OPS)}
+        if name in ("screening", "detector"):
+            details["threshold"] = calibrated.get("threshold", threshold)
+            if name == "screening":
+                details["threshold"] = _baked_threshold(content, file_name, details["threshold"], probe, log)
+        if file_name == "screening.tflite":
+            thresholds["screening"] = details["threshold"]
         atomic_write_bytes(out_dir / file_name, content)
-        entries[file_name] = {"model": name, **details}
+        entries[file_name] = {"model": name, **details, **{k: v for k, v in calibrated.items() if k != "threshold"}}
         log(f"[{i}/{len(files)}] {file_name}: {len(content) / 1024:.1f} KiB in {time.time() - t0:.1f} s")
 
-    for file_name, entry in entries.items():  # every file that scores says which threshold its flags use
-        if entry["model"] in ("screening", "detector") and "threshold" not in entry:
-            entry["threshold"] = threshold
     manifest = _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source,
-                         thresholds.get("screening", threshold), entries, onnx, opset)
+                         thresholds["screening"], entries, onnx, opset)
     manifest["detector"]["keras_threshold"] = threshold
     manifest["detector"]["threshold_source"] = (
         f"recalibrated on screening.tflite's own scores of {len(x_val)} clean validation images, "
-        f"target false-alarm rate {target_fpr:g}" if "screening" in thresholds
+        f"target false-alarm rate {target_fpr:g}" if "threshold_calibration" in entries["screening.tflite"]
         else "the Keras detector's threshold (clean validation split of the run)")
     manifest["detector"]["score_graph"] = score_source
     atomic_write_json(out_dir / MANIFEST, manifest)
-    log(f"wrote {out_dir} ({len(files)} models + {MANIFEST}) in {time.time() - started:.1f} s")
+    if signing_key is not None:
+        sign_bundle(out_dir, signing_key, log)
+    (out_dir / IN_PROGRESS).unlink()
+    log(f"wrote {out_dir} ({len(files)} models + {MANIFEST}" + (f" + {SIGNATURE}" if signing_key is not None else
+                                                               "; unsigned: sign it with python -m export sign")
+        + f") in {time.time() - started:.1f} s")
     return manifest
 
 
@@ -204,14 +321,29 @@ def _file_name(name: str, kind: str) -> str:
     return {"tflite": f"{name}.tflite", "onnx": f"{name}.onnx", "onnx-int8": f"{name}.int8.onnx"}[kind]
 
 
-def _clear_old_bundle(out_dir: Path, keep: set[str]) -> None:
-    """Remove the old manifest first (the folder is no bundle until the new one is written), an old
-    parity.json, and model files of an earlier export that this one will not rewrite."""
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    (out_dir / "parity.json").unlink(missing_ok=True)
-    for path in out_dir.iterdir():
-        if path.is_file() and path.name.endswith(_EXPORT_SUFFIXES) and path.name not in keep:
-            path.unlink()
+def _run_model(content: bytes, kind: str, x):
+    from export import converters
+
+    return converters.run_tflite(content, x) if kind == "tflite" else converters.run_onnx(content, x)
+
+
+def _baked_threshold(content: bytes, file_name: str, threshold: float, x, log) -> float:
+    """The threshold a screening model really compares its scores with (its own `threshold` output):
+    `threshold` as a float32, or as the float16 constant of a float16 model. RuntimeError if the output
+    is not one constant, is far from `threshold`, or the model's flags do not follow it."""
+    import numpy as np
+
+    out = _run_model(content, "tflite" if file_name.endswith(".tflite") else "onnx", x[:64])
+    baked = np.asarray(out[OUTPUT_THRESHOLD], np.float32).reshape(-1)
+    value = float(baked[0])
+    if not np.all(baked == baked[0]) or not abs(value - threshold) <= 1e-3 * max(1.0, abs(threshold)):
+        raise RuntimeError(f"{file_name}: the baked-in threshold {baked[:3]} is not the threshold {threshold!r}")
+    if not np.array_equal(out[OUTPUT_FLAG] > 0.5, out[OUTPUT_SCORE] > np.float32(value)):
+        raise RuntimeError(f"{file_name}: its flags do not follow its own threshold {value!r}")
+    if np.float32(value) != np.float32(threshold):
+        log(f"{file_name}: the model stores its threshold as {value!r} ({threshold!r} rounded to the model's "
+            "precision); the manifest states that value")
+    return value
 
 
 def _dataset(data, config: dict, image_size: int, log):
@@ -252,26 +384,29 @@ def _validation_images(dataset, log):
     return dataset["val"][0]
 
 
-def _recalibrate(content: bytes, name: str, classifier, detector, keras_threshold: float, x_val, target_fpr: float,
-                 quantize: str, calib, int8_scope: str, log) -> tuple[bytes, dict]:
-    """The exported model's own threshold at target_fpr on clean validation scores; screening.tflite is
-    converted again with it baked in. Returns (model bytes, manifest details)."""
+def _recalibrate(content: bytes, name: str, kind: str, classifier, detector, keras_threshold: float, x_val,
+                 target_fpr: float, quantize: str, calib, int8_scope: str, opset: int, log) -> tuple[bytes, dict]:
+    """The exported model's own threshold at target_fpr on clean validation scores; a screening model is
+    converted again with it baked in. kind: 'tflite' or 'onnx-int8'. Returns (model bytes, manifest
+    details)."""
     import numpy as np
 
     from medrobust.detection.scores import threshold_at_fpr
     from export import converters, screening
 
-    scores = converters.run_tflite(content, x_val)[OUTPUT_SCORE]
-    threshold = threshold_at_fpr(scores, target_fpr)
+    scores = _run_model(content, kind, x_val)[OUTPUT_SCORE]
+    threshold = screening.float32(threshold_at_fpr(scores, target_fpr))
     keras_fpr = float(np.mean(scores > keras_threshold))
     if name == "screening" and threshold != keras_threshold:
-        content = converters.to_tflite(screening.screening_model(classifier, detector, threshold), quantize, calib,
-                                       int8_scope)
-        out = converters.run_tflite(content, x_val)
-        if not np.array_equal(out[OUTPUT_FLAG] > 0.5, out[OUTPUT_SCORE] > threshold):
-            raise RuntimeError("screening.tflite: the re-exported flag does not match its own threshold")
+        model = screening.screening_model(classifier, detector, threshold)
+        content = (converters.to_tflite(model, quantize, calib, int8_scope) if kind == "tflite"
+                   else converters.quantize_onnx_int8(converters.to_onnx(model, opset), calib, int8_scope))
+        out = _run_model(content, kind, x_val)
+        if not np.array_equal(out[OUTPUT_FLAG] > 0.5, out[OUTPUT_SCORE] > out[OUTPUT_THRESHOLD]):
+            raise RuntimeError(f"{name}: the re-exported flag does not match its own threshold")
         scores = out[OUTPUT_SCORE]
-    log(f"{name}.tflite: threshold {threshold:.6g} on its own scores of {len(x_val)} clean validation images "
+    file_name = _file_name(name, kind)
+    log(f"{file_name}: threshold {threshold:.6g} on its own scores of {len(x_val)} clean validation images "
         f"(Keras {keras_threshold:.6g}: would flag {keras_fpr:.3f} of them; target {target_fpr:g})")
     return content, {"threshold": threshold, "threshold_calibration": {
         "images": int(len(x_val)), "target_fpr": target_fpr, "val_fpr": float(np.mean(scores > threshold)),
@@ -321,9 +456,14 @@ def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_sourc
             "calibration": {"images": int(len(calib)), "source": calib_source, "seed": int(config.get("seed", 0))},
         })
         if onnx:
-            quantization["onnx"] = {"scheme": "onnxruntime.quantization.quantize_static, QDQ, MinMax, per-channel "
-                                              "symmetric int8 weights, int8 activations, float32 I/O",
-                                    "quantized_op_types": list(converters.ONNX_INT8_OPS)}
+            quantization["onnx"] = {
+                "scheme": "onnxruntime.quantization.quantize_static, QDQ, MinMax, per-channel symmetric int8 "
+                          "weights, int8 activations; the same recipe as TFLite: float32 input and outputs (no "
+                          "quantize/dequantize pair on any output)",
+                "int8_scope": int8_scope,
+                "quantized_op_types": list(converters.ONNX_INT8_OPS),
+                "float_layers": "none" if int8_scope == "full" else "the first layer(s) reading the raw image",
+                "io_dtype": "float32"}
     elif quantize == "float16":
         quantization["tflite"] = {"scheme": "float16 weights (Optimize.DEFAULT, supported_types float16), float32 "
                                             "compute and I/O", "io_dtype": "float32"}

@@ -1,39 +1,51 @@
 """medrobust-screen: screen OCT scans with an exported bundle, on a device without TensorFlow.
 
-    medrobust-screen --bundle bundles/NAME IMAGE_OR_FOLDER... [--out results.csv|results.json] [--threads 1]
+    medrobust-screen --bundle bundles/NAME --trusted-key publisher.pub IMAGE_OR_FOLDER... [--out results.csv|.json]
+    medrobust-screen --bundle bundles/NAME --allow-unsigned IMAGE_OR_FOLDER...      (unsigned: said in every output)
     python -m export.runtime --bundle bundles/NAME ...
 
 Imports only the standard library, numpy, Pillow (through ``medrobust.data.images``), the LiteRT
-interpreter (``ai_edge_litert``, else ``tflite_runtime``) and ``medrobust.classes`` -- never
-TensorFlow.
+interpreter (``ai_edge_litert``, else ``tflite_runtime``), ``medrobust.classes`` and, to check a
+signature, ``cryptography`` -- never TensorFlow. ``pip install ./edge`` installs exactly that.
 
-Before loading anything it reads ``manifest.json``, checks that every field it relies on is there,
-and checks the sha256 of every file the manifest lists; a bundle with a missing, changed or
-unexpected-looking file is refused with a one-line reason (exit status 2).
+Before loading anything it checks, in order, and refuses the bundle with a one-line reason (exit
+status 2) at the first failure:
+
+1. the signature (``signature.json``, Ed25519 over the exact bytes of ``manifest.json``) against the
+   public key the operator passes with ``--trusted-key`` (see export.signing); ``--allow-unsigned``
+   skips this check, and every output then says the bundle is NOT VERIFIED;
+2. that the manifest has every field the runtime relies on;
+3. the sha256 of every file the manifest lists;
+4. that the threshold the manifest states is the one baked into ``screening.tflite`` (read back from
+   the model's ``threshold`` output).
 
 Each image is decoded with ``medrobust.data.images.load_image`` (the training preprocessing: EXIF
 orientation, grey -- alpha composited on black, 16-bit scaled by 1/65535 -- centre square crop, BOX
 resize, /255) and run through ``screening.tflite``. One row per image:
 
-    file, verdict, class, confidence, anomaly_score, error
+    file, verdict, class, confidence, anomaly_score, error, training_data, bundle_signature
 
 verdict is ``refer`` when the detector flags the scan (anomaly_score > threshold: do not trust the
 AI on this scan, a human reads it), else ``classify`` (class = the most probable class, confidence
 its probability). A file that cannot be screened (corrupt, empty, not an image, too small, an
-unsupported pixel mode) gets verdict ``error`` and the reason in ``error``; the run goes on. Folders
-are searched recursively for files with an image extension (hidden files and folders are skipped);
-files named explicitly are always screened. Images are processed one at a time (bounded memory);
-with --out the results are streamed to a temporary file that is renamed into place at the end.
+unsupported pixel mode) gets verdict ``error`` and the reason in ``error``; the run goes on.
+``training_data`` says what data the model was trained on (``SYNTHETIC data (phantom) ...``) and
+``bundle_signature`` whether the bundle's signature was verified; the JSON output carries both in
+its header instead.
 
 DICOM OCT files (``.dcm``/``.dicom``, or any file starting with a DICOM preamble; single- or
 multi-frame, 8/16-bit, MONOCHROME1/2, rescale/window applied) are read by ``export.dicom`` and
 reported per volume by ``export.volume``: one row per volume (one eye) with the worst-class verdict
 over its B-scans, plus one row per B-scan with --per-frame; patient identifiers are written only
 with --keep-identifiers.  When any DICOM file is among the inputs the rows gain the columns
-``export.volume.DICOM_COLUMNS`` (level, frame, frames, counts, reason, sop_instance_uid, laterality).
+``export.volume.DICOM_COLUMNS`` (level, frame, frames, counts, reason, sop_instance_uid, laterality). Folders are searched recursively for files with an image extension (hidden files
+and folders are skipped); files named explicitly are always screened. Images are processed one at a
+time (bounded memory); with --out the results are streamed to a temporary file (created with the
+umask's permissions) that is renamed into place at the end; nothing is written before the first row.
 
-Exit status: 0 when every file found was processed (error rows included), 2 for a bad bundle or bad
-arguments or when no image file was found, 130 when interrupted.
+Exit status: 0 when every file found was processed (error rows included); 2 for a bad bundle, a
+signature that does not verify, bad arguments, an input path that does not exist, or when no image
+file was found; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from medrobust.cli import ArgumentParser
+from medrobust import cli
 from medrobust.data.images import IMAGE_EXTENSIONS, ImageError, is_image_filename, load_image
 from medrobust.io import mkstemp_beside
 
@@ -59,11 +71,13 @@ from export import volume as volumes
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "medrobust-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: screening models expose their baked-in threshold; bundles may be signed
+MIN_FORMAT_VERSION = 2
 
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_SCORE = "anomaly_score"
 OUTPUT_FLAG = "flag"
+OUTPUT_THRESHOLD = "threshold"  # screening models: the threshold baked into the graph, [n] (same value)
 
 VERDICT_CLASSIFY = "classify"
 VERDICT_REFER = "refer"
@@ -71,7 +85,10 @@ VERDICT_ERROR = "error"
 VERDICT_RULE = ("flag = anomaly_score > threshold; verdict = 'refer' (human review, do not trust the AI "
                 "on this scan) if flag, else 'classify' (the most probable class stands)")
 
-COLUMNS = ("file", "verdict", "class", "confidence", "anomaly_score", "error")
+COLUMNS = ("file", "verdict", "class", "confidence", "anomaly_score", "error", "training_data", "bundle_signature")
+# Columns that describe the run rather than the image: in the JSON output they live in the header.
+RUN_COLUMNS = ("training_data", "bundle_signature")
+UNVERIFIED = "NOT VERIFIED (--allow-unsigned)"
 
 # Fields the runtime relies on; a manifest without one of them is refused.
 REQUIRED_FIELDS = ("format", "format_version", "classes", "input", "preprocessing", "threshold", "models", "files")
@@ -82,20 +99,36 @@ class BundleError(ValueError):
     """A bundle that cannot be used (one-line reason)."""
 
 
+
+class UsageError(BundleError):
+    """Bad arguments (a missing input path, a bad --out): one line, exit status 2."""
+
+
 # ------------------------------------------------------------------------------------------ bundle
 
-def read_manifest(bundle_dir) -> dict:
-    """Parse and check manifest.json (fields and types only; see `verify_files` for the files)."""
+def read_manifest_bytes(bundle_dir) -> bytes:
+    """The exact bytes of manifest.json (what a signature covers)."""
     bundle_dir = os.fspath(bundle_dir)
     if not os.path.isdir(bundle_dir):
         raise BundleError(f"{bundle_dir}: no such bundle folder")
+    try:
+        with open(os.path.join(bundle_dir, MANIFEST), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        partial = " (export-in-progress.json is there: the export was interrupted)" if os.path.exists(
+            os.path.join(bundle_dir, "export-in-progress.json")) else ""
+        raise BundleError(f"{bundle_dir}: no {MANIFEST}{partial}; not a bundle, or the export did not finish: "
+                          "run python -m export bundle again") from None
+
+
+def read_manifest(bundle_dir, raw: bytes | None = None) -> dict:
+    """Parse and check manifest.json, or the given bytes of it (fields and types only; see `verify_files`
+    for the files)."""
+    bundle_dir = os.fspath(bundle_dir)
+    raw = read_manifest_bytes(bundle_dir) if raw is None else raw
     path = os.path.join(bundle_dir, MANIFEST)
     try:
-        with open(path, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{bundle_dir}: no {MANIFEST} (not a bundle, or the export was interrupted; "
-                          "run python -m export bundle again)") from None
+        manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
@@ -107,9 +140,12 @@ def read_manifest(bundle_dir) -> dict:
     if manifest["format"] != BUNDLE_FORMAT:
         raise BundleError(f"{path}: format is {manifest['format']!r}, expected {BUNDLE_FORMAT!r}")
     version = manifest["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= BUNDLE_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > BUNDLE_FORMAT_VERSION:
         raise BundleError(f"{path}: format_version {version!r} is not supported (this runtime reads "
-                          f"1..{BUNDLE_FORMAT_VERSION}); update medrobust")
+                          f"{MIN_FORMAT_VERSION}..{BUNDLE_FORMAT_VERSION}); update medrobust")
+    if version < MIN_FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {version} is too old (its threshold cannot be checked "
+                          "against the model, and it cannot be signed); export the run again")
     _check_manifest_types(manifest, path)
     return manifest
 
@@ -177,6 +213,44 @@ def verify_files(bundle_dir, manifest: dict) -> None:
                               "corrupt file); refusing to load it, re-export or re-copy the bundle")
 
 
+def check_signature(bundle_dir, raw_manifest: bytes, trusted_key=None, allow_unsigned: bool = False) -> dict:
+    """The signature status of a bundle: {'status': 'verified', 'key_fingerprint', 'signed'} when
+    `trusted_key` (a public key file) verifies signature.json over `raw_manifest`; {'status':
+    'not verified', 'reason'} with `allow_unsigned`. BundleError otherwise (no key and no
+    permission, a bad key, no signature, a signature that does not verify)."""
+    from export import signing
+
+    if trusted_key is not None and allow_unsigned:
+        raise UsageError("--trusted-key and --allow-unsigned exclude each other")
+    if trusted_key is None:
+        if not allow_unsigned:
+            raise UsageError("pass --trusted-key PUBLIC_KEY (the bundle publisher's public key) to check the "
+                             "bundle's signature, or --allow-unsigned to screen without checking who made it")
+        signed = os.path.exists(os.path.join(os.fspath(bundle_dir), signing.SIGNATURE))
+        return {"status": "not verified", "reason": "--allow-unsigned; " + (
+            f"the bundle's {signing.SIGNATURE} was not checked" if signed else "the bundle is not signed")}
+    try:
+        return signing.verify_manifest(bundle_dir, raw_manifest, signing.load_public_key(trusted_key))
+    except signing.SignatureError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def training_data(manifest: dict) -> dict:
+    """What data the bundle's models were trained on, from the manifest's source_run:
+    {'source': str | None, 'synthetic': bool | None, 'label': one line for outputs}."""
+    run = manifest.get("source_run") if isinstance(manifest.get("source_run"), dict) else {}
+    source = run.get("data_source") or run.get("data")
+    synthetic = run.get("synthetic_data") if isinstance(run.get("synthetic_data"), bool) else None
+    source_text = str(source) if source else "source not recorded"
+    if synthetic:
+        label = f"SYNTHETIC data ({source_text}): not for clinical use"
+    elif synthetic is False:
+        label = f"real scans ({source_text})"
+    else:
+        label = f"data of unknown kind ({source_text}; the manifest does not say whether it was synthetic)"
+    return {"source": source, "synthetic": synthetic, "label": label}
+
+
 def _interpreter_class():
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -191,17 +265,25 @@ def _interpreter_class():
 class Screener:
     """A verified bundle's screening model, ready to screen one image at a time.
 
-    screener = Screener("bundles/NAME", threads=1)
+    screener = Screener("bundles/NAME", trusted_key="publisher.pub")   # or allow_unsigned=True
     for row in screener.screen(["scans/"]): ...
+
+    Raises BundleError (one-line reason) for a bundle that fails any check (see the module docstring).
+    ``.signature`` is the signature status, ``.training_data`` the provenance, ``.threshold`` the
+    threshold (manifest and model agree on it).
     """
 
-    def __init__(self, bundle_dir, threads: int = 1):
+    def __init__(self, bundle_dir, threads: int = 1, trusted_key=None, allow_unsigned: bool = False):
         if threads < 1:
-            raise BundleError(f"--threads must be >= 1, got {threads}")
+            raise UsageError(f"--threads must be >= 1, got {threads}")
         self.bundle_dir = os.fspath(bundle_dir)
-        self.manifest = read_manifest(self.bundle_dir)
+        raw = read_manifest_bytes(self.bundle_dir)
+        # The signature is checked over the very bytes parsed below (no second read of the manifest).
+        self.signature = check_signature(self.bundle_dir, raw, trusted_key, allow_unsigned)
+        self.manifest = read_manifest(self.bundle_dir, raw)
         verify_files(self.bundle_dir, self.manifest)
         m = self.manifest
+        self.training_data = training_data(m)
         self.classes = tuple(m["classes"])
         self.threshold = float(m["threshold"])
         self.image_size = int(m["preprocessing"]["image_size"])
@@ -215,6 +297,13 @@ class Screener:
         except ValueError as exc:
             raise BundleError(f"{self.bundle_dir}: {name} is not a loadable TFLite model ({exc})") from None
         self._bind(name)
+        self._check_threshold(name)
+
+    @property
+    def signature_label(self) -> str:
+        if self.signature["status"] == "verified":
+            return f"verified ({self.signature['key_fingerprint']})"
+        return UNVERIFIED
 
     def _bind(self, name: str) -> None:
         it = self.interpreter
@@ -222,7 +311,7 @@ class Screener:
         if len(signatures) != 1:
             raise BundleError(f"{name}: expected one signature, found {sorted(signatures)}")
         inputs, outputs = _signature_details(it, next(iter(signatures)))
-        needed = (OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_FLAG)
+        needed = (OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_FLAG, OUTPUT_THRESHOLD)
         if len(inputs) != 1 or any(k not in outputs for k in needed):
             raise BundleError(f"{name}: expected one image input and outputs {', '.join(needed)}; "
                               f"found {sorted(inputs)} -> {sorted(outputs)}")
@@ -238,6 +327,16 @@ class Screener:
         n = int(outputs[OUTPUT_PROBABILITIES]["shape_signature"][-1])
         if n != len(self.classes):
             raise BundleError(f"{name}: {n} class probabilities, the manifest lists {len(self.classes)} classes")
+
+    def _check_threshold(self, name: str) -> None:
+        """The flag is computed inside the model with its own constant: a manifest that states another
+        threshold describes a different model (an edited manifest), so it is refused."""
+        self.interpreter.set_tensor(self._input, np.zeros((1, self.image_size, self.image_size, 1), np.float32))
+        self.interpreter.invoke()
+        baked = float(self.interpreter.get_tensor(self._outputs[OUTPUT_THRESHOLD]).reshape(-1)[0])
+        if np.float32(self.threshold) != np.float32(baked):
+            raise BundleError(f"{self.bundle_dir}: {MANIFEST} says threshold {self.threshold!r}, but {name} has "
+                              f"{baked!r} baked in; refusing a manifest that does not describe its model")
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, float, bool]:
         """One preprocessed image [s, s, 1] (or [1, s, s, 1]) -> (probabilities, anomaly score, flag)."""
@@ -257,26 +356,40 @@ class Screener:
         flag = bool(self.interpreter.get_tensor(self._outputs[OUTPUT_FLAG]).reshape(-1)[0] > 0.5)
         return probs, score, flag
 
+    def load(self, path: str) -> np.ndarray:
+        """A file -> the model input [s, s, 1] (ImageError with a one-line reason if it cannot be)."""
+        return load_image(path, self.image_size)
+
     def screen_file(self, path: str) -> dict:
         """One row for one file (an error row if it cannot be decoded)."""
         try:
-            image = load_image(path, self.image_size)
+            image = self.load(path)
         except ImageError as exc:
-            return error_row(path, exc.reason)
+            return self.row(path, error=exc.reason)
         except OSError as exc:  # pragma: no cover - load_image turns these into ImageError already
-            return error_row(path, f"cannot read file ({exc.__class__.__name__}: {exc})")
+            return self.row(path, error=f"cannot read file ({exc.__class__.__name__}: {exc})")
         probs, score, flag = self.predict(image)
         k = int(np.argmax(probs))
-        return {"file": path, "verdict": VERDICT_REFER if flag else VERDICT_CLASSIFY, "class": self.classes[k],
-                "confidence": float(f"{probs[k]:.6f}"), "anomaly_score": float(f"{score:.7g}"), "error": ""}
+        return self.row(path, verdict=VERDICT_REFER if flag else VERDICT_CLASSIFY, cls=self.classes[k],
+                        confidence=float(f"{probs[k]:.6f}"), anomaly_score=float(f"{score:.7g}"))
+
+    def row(self, path: str, verdict: str = VERDICT_ERROR, cls: str = "", confidence="", anomaly_score="",
+            error: str = "", **extra) -> dict:
+        """A result row (COLUMNS; `extra` may add columns a caller declared); an error row by default."""
+        return {"file": path, "verdict": verdict, "class": cls, "confidence": confidence,
+                "anomaly_score": anomaly_score, "error": " ".join(str(error).split()),
+                "training_data": self.training_data["label"], "bundle_signature": self.signature_label, **extra}
 
     def screen(self, paths: Iterable[str], stats: dict | None = None,
                volume_options: "volumes.VolumeOptions | None" = None) -> Iterator[dict]:
         """Rows for every image under `paths`, one at a time (a generator: bounded memory).
-        A DICOM file gives its volume row (and B-scan rows with volume_options.per_frame)."""
+        A DICOM file gives its volume row (and B-scan rows with volume_options.per_frame). Every row
+        carries the run columns (training_data, bundle_signature)."""
+        run_columns = {"training_data": self.training_data["label"], "bundle_signature": self.signature_label}
         for path in iter_image_files(paths, stats):
             if dicom_files.is_dicom_file(path):
-                yield from volumes.screen_volume(self, path, volume_options or volumes.VolumeOptions())
+                for row in volumes.screen_volume(self, path, volume_options or volumes.VolumeOptions()):
+                    yield {**row, **run_columns}
             else:
                 yield self.screen_file(path)
 
@@ -290,15 +403,19 @@ def _signature_details(interpreter, key: str) -> tuple[dict, dict]:
     return details
 
 
-def error_row(path: str, reason: str) -> dict:
-    return {"file": path, "verdict": VERDICT_ERROR, "class": "", "confidence": "", "anomaly_score": "",
-            "error": " ".join(str(reason).split())}
+def check_inputs(paths: Iterable[str]) -> list[str]:
+    """The input paths, after checking each exists (UsageError naming the first that does not)."""
+    paths = [os.fspath(p) for p in paths]
+    for path in paths:
+        if not path or not os.path.exists(path):
+            raise UsageError(f"{path or repr(path)}: no such file or folder")
+    return paths
 
 
 def iter_image_files(paths: Iterable[str], stats: dict | None = None) -> Iterator[str]:
     """Files to screen, in order: an explicitly named file as is; a folder recursively (sorted, hidden
-    entries skipped, IMAGE_EXTENSIONS and DICOM files). Missing paths are yielded too (they become error rows).
-    `stats['ignored']` counts the non-image files seen in folders."""
+    entries skipped, IMAGE_EXTENSIONS and DICOM files). A path that vanished since `check_inputs` is
+    yielded (it becomes an error row). `stats['ignored']` counts the non-image files seen in folders."""
     stats = stats if stats is not None else {}
     stats.setdefault("ignored", 0)
     for path in paths:
@@ -319,32 +436,47 @@ def iter_image_files(paths: Iterable[str], stats: dict | None = None) -> Iterato
 
 # ------------------------------------------------------------------------------------------ output
 
-class _Sink:
-    """Rows to stdout (CSV) or to --out (CSV or JSON), written to a temp file and renamed at the end."""
+def output_format(out: str | None) -> str:
+    """'csv' or 'json' for --out (CSV on stdout without it); UsageError for another extension or a
+    folder that does not exist."""
+    if not out:
+        return "csv"
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in (".csv", ".json"):
+        raise UsageError(f"--out must end with .csv or .json, got {out!r}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out: folder {folder} does not exist")
+    if os.path.isdir(out):
+        raise UsageError(f"--out: {out} is a folder")
+    return ext[1:]
 
-    def __init__(self, out: str | None, header: dict, columns: tuple = COLUMNS):
-        self.out, self.header, self.count = out, header, 0
-        self.format = "csv"
-        if out:
-            ext = os.path.splitext(out)[1].lower()
-            if ext not in (".csv", ".json"):
-                raise BundleError(f"--out must end with .csv or .json, got {out!r}")
-            self.format = ext[1:]
-            folder = os.path.dirname(os.path.abspath(out))
-            if not os.path.isdir(folder):
-                raise BundleError(f"--out: folder {folder} does not exist")
-            fd, self.tmp = mkstemp_beside(os.path.join(folder, os.path.basename(out)))  # umask mode
+
+class _Sink:
+    """Rows to stdout (CSV) or to --out (CSV or JSON), written to a temp file and renamed at the end.
+    Nothing is written (no file created, no CSV header printed) before the first row."""
+
+    def __init__(self, out: str | None, header: dict, columns: tuple[str, ...] = COLUMNS):
+        self.out, self.header, self.columns, self.count = out, header, columns, 0
+        self.format = output_format(out)
+        self.file = self.tmp = self.writer = None
+
+    def _open(self) -> None:
+        if self.out:
+            fd, self.tmp = mkstemp_beside(self.out)  # the umask's mode, not mkstemp's 0600
             self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
         else:
-            self.tmp, self.file = None, sys.stdout
+            self.file = sys.stdout
         if self.format == "csv":
-            self.writer = csv.DictWriter(self.file, fieldnames=columns, lineterminator="\n")
+            self.writer = csv.DictWriter(self.file, fieldnames=self.columns, lineterminator="\n")
             self.writer.writeheader()
         else:
-            self.file.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in header.items())
-                            + '  "results": [')
+            self.file.write("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n"
+                                            for k, v in self.header.items()) + '  "results": [')
 
     def write(self, row: dict) -> None:
+        if self.file is None:
+            self._open()
         if self.format == "csv":
             self.writer.writerow(row)
         else:
@@ -352,6 +484,8 @@ class _Sink:
         self.count += 1
 
     def close(self, summary: dict) -> None:
+        if self.file is None:
+            return
         if self.format == "json":
             self.file.write(("\n  " if self.count else "") + "],\n  \"summary\": " + json.dumps(summary) + "\n}\n")
         self.file.flush()
@@ -370,7 +504,7 @@ class _Sink:
 
 
 def _json_row(row: dict) -> dict:
-    out = dict(row)
+    out = {k: v for k, v in row.items() if k not in RUN_COLUMNS}  # in the JSON header instead
     for k in ("confidence", "anomaly_score"):
         if out[k] == "":
             out[k] = None
@@ -383,23 +517,63 @@ def _json_row(row: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------- main
 
+class ArgumentParser(cli.ArgumentParser):
+    """medrobust.cli's parser (an unknown option names the closest valid one), without prefix matching
+    (`--allow` must not silently mean --allow-unsigned, nor `--thread` --threads), and checking every
+    option-like token first, so a mistyped required option (`--bundel`) is named as such rather than
+    reported as a missing --bundle. All before any work is done."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        known = {o for action in self._actions for o in action.option_strings}
+        for token in argv:
+            if token == "--":
+                break
+            if token.startswith("-") and len(token) > 1 and not _is_number(token) \
+                    and token.split("=", 1)[0] not in known:
+                self.error(self._unknown_message([token]))
+        return super().parse_args(argv, namespace)
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(  # medrobust.cli's: names the closest option on a typo
+    parser = ArgumentParser(
         prog="medrobust-screen",
         description="Screen retinal OCT scans with an exported medrobust bundle (LiteRT, no TensorFlow). "
                     "One row per image: file, verdict (classify|refer|error), class, confidence, "
-                    "anomaly_score, error. verdict 'refer' = the detector flags the scan: do not trust the AI "
-                    "on it, a human reads it.",
-        epilog="Exit status: 0 when every file found was processed (unreadable files get error rows), "
-               "2 for a bad bundle or arguments or no image found, 130 when interrupted.")
+                    "anomaly_score, error, training_data, bundle_signature. verdict 'refer' = the detector "
+                    "flags the scan: do not trust the AI on it, a human reads it.",
+        epilog="The bundle is checked before any image is read: its signature against --trusted-key, the "
+               "sha256 of every file, and the threshold baked into the model. Exit status: 0 when every file "
+               "found was processed (unreadable files get error rows), 2 for a bad bundle, a signature that "
+               "does not verify, bad arguments, a missing input path or no image found, 130 when interrupted.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
-                        help="image or DICOM files and/or folders (searched recursively for .jpeg .jpg .png .bmp "
-                             ".tif .tiff .gif, .dcm .dicom and files starting with a DICOM preamble)")
+                        help="image or DICOM files and/or folders (searched recursively for "
+                             f"{' '.join(IMAGE_EXTENSIONS)}, .dcm .dicom and files starting with a DICOM "
+                             "preamble); each must exist")
     parser.add_argument("--bundle", required=True, help="bundle folder written by `python -m export bundle`")
+    parser.add_argument("--trusted-key", default=None, metavar="PUBLIC_KEY",
+                        help="the bundle publisher's Ed25519 public key (PEM, from `python -m export keygen`); "
+                             "the bundle's signature.json must verify with it")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="screen without checking the signature (who made the bundle is then unknown: "
+                             "every output says NOT VERIFIED)")
     parser.add_argument("--out", default=None,
                         help="write results to this .csv or .json file (default: CSV on standard output)")
     parser.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
-    parser.add_argument("--quiet", action="store_true", help="no progress or summary on standard error")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress or summary on standard error (warnings are still printed)")
     volumes.add_arguments(parser)
     return parser
 
@@ -407,8 +581,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)  # noqa: E731 (even with --quiet)
     try:
-        return _run(args, log)
+        return _run(args, log, warn)
     except BundleError as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
@@ -417,20 +592,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args, log) -> int:
+def _run(args, log, warn) -> int:
+    inputs = check_inputs(args.inputs)  # bad arguments fail before the bundle is even read
+    output_format(args.out)
     try:
         volume_options = volumes.options_from_args(args)
     except ValueError as exc:
-        raise BundleError(str(exc)) from None
-    screener = Screener(args.bundle, threads=args.threads)
+        raise UsageError(str(exc)) from None
+    screener = Screener(args.bundle, threads=args.threads, trusted_key=args.trusted_key,
+                        allow_unsigned=args.allow_unsigned)
     m = screener.manifest
-    log(f"bundle {args.bundle}: verified {len(m['files'])} files; {m['models']['screening'].get('precision', '?')} "
-        f"screening model, image {screener.image_size}x{screener.image_size}, threshold {screener.threshold:.6g}")
+    if screener.signature["status"] == "verified":
+        log(f"bundle {args.bundle}: signature verified with trusted key {screener.signature['key_fingerprint']}")
+    else:
+        warn(f"bundle {args.bundle}: signature NOT VERIFIED ({screener.signature['reason']}): nothing shows who "
+             "made this bundle or that its models are the ones its publisher exported")
+    log(f"bundle {args.bundle}: {len(m['files'])} files match the manifest; "
+        f"{m['models']['screening'].get('precision', '?')} screening model, image "
+        f"{screener.image_size}x{screener.image_size}, threshold {screener.threshold:.6g} (baked into the model)")
+    provenance = screener.training_data
+    (log if provenance["synthetic"] is False else warn)(f"model trained on {provenance['label']}")
     header = {"bundle": os.path.abspath(args.bundle), "classes": list(screener.classes),
-              "threshold": screener.threshold, "verdict_rule": VERDICT_RULE}
+              "threshold": screener.threshold, "verdict_rule": VERDICT_RULE,
+              "training_data": {k: provenance[k] for k in ("source", "synthetic", "label")},
+              "bundle_signature": {**screener.signature, "label": screener.signature_label}}
     # DICOM hook: find the inputs first, since the CSV columns depend on whether any is DICOM.
     stats: dict = {}
-    files = list(iter_image_files(args.inputs, stats))
+    files = list(iter_image_files(inputs, stats))
     columns = COLUMNS
     if any(dicom_files.is_dicom_file(p) for p in files):
         columns = COLUMNS + volume_options.columns()
@@ -467,8 +655,8 @@ def _run(args, log) -> int:
                **(dicom_counts if columns != COLUMNS else {}), "seconds": round(seconds, 3)}
     if n_files == 0:
         sink.abort()
-        raise BundleError(f"no image files found in {', '.join(args.inputs)} "
-                          f"(looked for {' '.join(IMAGE_EXTENSIONS)} and DICOM files)")
+        raise UsageError(f"no image files found in {', '.join(inputs)} "
+                         f"(looked for {' '.join(IMAGE_EXTENSIONS)} and DICOM files)")
     sink.close(summary)
     n_images = n_files - dicom_counts["volumes"] + dicom_counts["bscans"]  # 2-D images + B-scans
     rate = n_images / seconds if seconds > 0 else float("inf")
@@ -478,6 +666,8 @@ def _run(args, log) -> int:
            if dicom_counts["volumes"] else "")
         + (f", {stats['ignored']} non-image files ignored" if stats.get("ignored") else "")
         + f" ({seconds:.2f} s, {rate:.1f} images/s)" + (f"; wrote {args.out}" if args.out else ""))
+    if screener.signature["status"] != "verified":
+        warn("these results come from a bundle whose signature was NOT VERIFIED (--allow-unsigned)")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Verdict rule (the same in the model, the runtime and the docs):
 
-    flag    = anomaly_score > threshold         (threshold baked into the graph as a constant)
+    flag    = anomaly_score > threshold         (threshold baked into the graph as a constant, and
+                                                 also returned as the `threshold` output, so a runtime
+                                                 can check that the manifest describes this model)
     verdict = "refer"    if flag                (human review: do not trust the AI on this scan)
               "classify" otherwise              (the class with the highest probability stands)
 
@@ -14,7 +16,7 @@ scan that is not flagged is classified; its class is a screening result, not a d
 
 from __future__ import annotations
 
-from export.runtime import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, VERDICT_RULE
+from export.runtime import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE
 
 OUTPUT_LOGITS = "logits"
 
@@ -102,24 +104,36 @@ def detector_model(detector, image_size: int):
 
 
 def screening_model(classifier, detector, threshold: float | None = None):
-    """screening.tflite: image -> {'probabilities', 'anomaly_score', 'flag'} with flag = score > threshold
-    (1.0 or 0.0, float32; threshold defaults to detector.threshold, baked in as a constant)."""
+    """screening.tflite: image -> {'probabilities', 'anomaly_score', 'flag', 'threshold'} with
+    flag = score > threshold (1.0 or 0.0, float32) and 'threshold' the [n] constant the flag is compared
+    with. `threshold` defaults to detector.threshold; it is rounded to float32 (the precision of the
+    graph constant), so the manifest can state exactly the value the model uses."""
     from keras import ops
 
     threshold = float(detector.threshold if threshold is None else threshold)
     if not threshold == threshold or threshold in (float("inf"), float("-inf")):
         raise ValueError(f"detector threshold must be a finite number, got {threshold}")
+    threshold = float32(threshold)
     image_size = int(tuple(classifier.inputs[0].shape)[1])
     score_fn, parts, _ = score_function(detector, image_size)
 
     def fn(image):
         probabilities = ops.softmax(classifier(image, training=False), axis=-1)
         score = score_fn(image)
-        flag = ops.cast(ops.greater(score, threshold), "float32")  # a Python float: a graph constant
-        return {OUTPUT_PROBABILITIES: probabilities, OUTPUT_SCORE: score, OUTPUT_FLAG: flag}
+        baked = ops.zeros_like(score) + threshold  # a Python float: a graph constant
+        flag = ops.cast(ops.greater(score, baked), "float32")
+        return {OUTPUT_PROBABILITIES: probabilities, OUTPUT_SCORE: score, OUTPUT_FLAG: flag,
+                OUTPUT_THRESHOLD: baked}
 
-    return _graph("screening", fn, image_size, [OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_FLAG],
+    return _graph("screening", fn, image_size, [OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_FLAG, OUTPUT_THRESHOLD],
                   [classifier, *parts])
+
+
+def float32(value: float) -> float:
+    """value rounded to the nearest float32, as a Python float."""
+    import numpy as np
+
+    return float(np.float32(value))
 
 
 __all__ = ["VERDICT_RULE", "combined_score", "score_function", "classifier_model", "detector_model",

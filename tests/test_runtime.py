@@ -1,7 +1,9 @@
-"""The TensorFlow-free edge runtime (medrobust-screen): bundle checks, odd files, outputs, no TF import.
+"""The TensorFlow-free edge runtime (medrobust-screen): signatures, bundle checks, odd files, outputs,
+the command line, no TF import, and the light install.
 
 The bundle here is built in-process from an untrained width-8 classifier and a stand-in detector
-(the runtime does not care how good the models are), so this module needs no training run.
+(the runtime does not care how good the models are), and signed with a key made for the module, so
+this module needs no training run.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import pytest
 from PIL import Image
 
 IMAGE_SIZE = 28
+REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 REAL_DATA = Path(os.environ.get("MEDROBUST_DATA", "/nonexistent")) / "oct2017_subset"
 if not REAL_DATA.is_dir():
@@ -39,6 +43,11 @@ import runpy
 sys.argv = ["medrobust-screen"] + sys.argv[1:]
 runpy.run_module("export.runtime", run_name="__main__", alter_sys=True)
 """
+
+# The project modules a screening run loads (printed as JSON at exit), with TensorFlow made impossible.
+LOADED = NO_TF.replace("import runpy", """import atexit, json
+atexit.register(lambda: print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("medrobust", "export")))))
+import runpy""")
 
 
 class _StandInDetector:
@@ -70,24 +79,47 @@ def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
+def keys(tmp_path_factory):
+    """(private key, public key) of the bundle's publisher, and (private, public) of someone else."""
+    from export.signing import generate_keypair
+
+    root = tmp_path_factory.mktemp("keys")
+    publisher = generate_keypair(root / "publisher")[:2]
+    other = generate_keypair(root / "mallory")[:2]
+    return types.SimpleNamespace(private=publisher[0], public=publisher[1], other_private=other[0],
+                                 other_public=other[1])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
     from medrobust.io import atomic_save_model, atomic_write_json
     from medrobust.models import build_classifier
 
-    from export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("runtime")
-    run = root / "run"
+    run = tmp_path_factory.mktemp("runtime") / "run"
     run.mkdir()
     classifier = build_classifier("small_cnn", IMAGE_SIZE, width=8)
     atomic_save_model(classifier, run / "classifier.keras")
-    atomic_write_json(run / "config.json", {"image_size": IMAGE_SIZE, "data": "phantom", "seed": 0})
+    atomic_write_json(run / "config.json", {"image_size": IMAGE_SIZE, "data": "phantom", "data_source": "phantom",
+                                            "synthetic_data": True, "seed": 0})
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(run_dir, keys):
+    from export.bundle import export_bundle
+
     rng = np.random.default_rng(0)
     calib = rng.uniform(0, 1, (64, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
     detector = _StandInDetector(calib)
-    export_bundle(run, root / "bundle", quantize="int8", onnx=False, data=calib, detector=detector,
-                  log=lambda m: None)
-    return root / "bundle"
+    export_bundle(run_dir, run_dir.parent / "bundle", quantize="int8", onnx=False, data=calib, detector=detector,
+                  signing_key=keys.private, log=lambda m: None)
+    return run_dir.parent / "bundle"
+
+
+@pytest.fixture(scope="module")
+def trust(keys):
+    """The options that make medrobust-screen check the publisher's signature."""
+    return ["--trusted-key", str(keys.public)]
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +160,15 @@ def _rows_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_screens_folder_with_odd_files_and_goes_on(bundle_dir, scans, tmp_path, capsys):
+def test_screens_folder_with_odd_files_and_goes_on(bundle_dir, scans, trust, tmp_path, capsys):
     out = tmp_path / "results.csv"
-    assert _main("--bundle", str(bundle_dir), str(scans), "--out", str(out)) == 0
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(out)) == 0
     rows = _rows_csv(out)
     by_name = {Path(r["file"]).name: r for r in rows}
     n_real = len([n for n in by_name if n.startswith("real_")])
     assert set(by_name) == GOOD | BAD | {f"real_{i}.jpeg" for i in range(n_real)}
-    assert list(rows[0]) == ["file", "verdict", "class", "confidence", "anomaly_score", "error"]
+    assert list(rows[0]) == ["file", "verdict", "class", "confidence", "anomaly_score", "error", "training_data",
+                             "bundle_signature"]
     threshold = json.loads((bundle_dir / "manifest.json").read_text())["threshold"]
     for name, row in by_name.items():
         if name in BAD:
@@ -153,33 +186,69 @@ def test_screens_folder_with_odd_files_and_goes_on(bundle_dir, scans, tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_json_output_explicit_files_and_missing_path(bundle_dir, scans, tmp_path):
+def test_json_output_explicit_files(bundle_dir, scans, trust, tmp_path):
     out = tmp_path / "results.json"
-    files = [str(scans / "rgba.png"), str(scans / "notes.txt"), str(tmp_path / "nope.png")]
-    assert _main("--bundle", str(bundle_dir), *files, "--out", str(out), "--quiet") == 0
+    files = [str(scans / "rgba.png"), str(scans / "notes.txt")]
+    assert _main("--bundle", str(bundle_dir), *trust, *files, "--out", str(out), "--quiet") == 0
     doc = json.loads(out.read_text())
-    assert [Path(r["file"]).name for r in doc["results"]] == ["rgba.png", "notes.txt", "nope.png"]
-    ok, txt, missing = doc["results"]
+    assert [Path(r["file"]).name for r in doc["results"]] == ["rgba.png", "notes.txt"]
+    ok, txt = doc["results"]
     assert ok["verdict"] in ("classify", "refer") and ok["error"] is None and isinstance(ok["anomaly_score"], float)
     assert txt["verdict"] == "error" and "not an image" in txt["error"]  # named explicitly: screened, fails
-    assert missing["verdict"] == "error" and "not found" in missing["error"]
-    assert doc["summary"]["images"] == 3 and doc["summary"]["error"] == 2
+    assert doc["summary"]["images"] == 2 and doc["summary"]["error"] == 1
     assert doc["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"] and "refer" in doc["verdict_rule"]
+    assert doc["bundle_signature"]["status"] == "verified"
 
 
-def test_stdout_csv_and_threads(bundle_dir, scans, capsys):
-    assert _main("--bundle", str(bundle_dir), str(scans / "nested"), "--threads", "2", "--quiet") == 0
+def test_missing_input_path_is_a_usage_error_before_any_output(bundle_dir, scans, trust, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans / "rgba.png"), str(tmp_path / "nope.png"),
+                 "--out", str(out)) == 2
+    captured = capsys.readouterr()
+    assert "nope.png" in captured.err and "no such file or folder" in captured.err
+    assert captured.out == "" and not list(tmp_path.iterdir())  # no output file, no temporary file
+    assert _main("--bundle", str(bundle_dir), *trust, str(tmp_path / "nope")) == 2  # CSV on stdout: no header
+    assert capsys.readouterr().out == ""
+
+
+def test_stdout_csv_and_threads(bundle_dir, scans, trust, capsys):
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans / "nested"), "--threads", "2", "--quiet") == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 3 and all(r["verdict"] in ("classify", "refer") for r in rows)
 
 
-def test_runtime_matches_keras_preprocessing(bundle_dir, scans):
+def test_output_file_follows_the_umask(bundle_dir, scans, trust, tmp_path):
+    old = os.umask(0o022)
+    try:
+        for name in ("r.csv", "r.json"):
+            assert _main("--bundle", str(bundle_dir), *trust, str(scans / "nested"), "--out", str(tmp_path / name),
+                         "--quiet") == 0
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    finally:
+        os.umask(old)
+
+
+def test_outputs_name_the_training_data_and_the_signature(bundle_dir, scans, trust, tmp_path, capsys):
+    """The manifest records synthetic training data: stderr, every CSV row and the JSON header say so."""
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans / "nested"), "--quiet") == 0
+    captured = capsys.readouterr()
+    assert "SYNTHETIC" in captured.err  # a warning: printed even with --quiet
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert all("SYNTHETIC" in r["training_data"] and r["bundle_signature"].startswith("verified") for r in rows)
+    out = tmp_path / "r.json"
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans / "nested"), "--out", str(out), "--quiet") == 0
+    doc = json.loads(out.read_text())
+    assert doc["training_data"]["synthetic"] is True and doc["training_data"]["source"] == "phantom"
+    assert "SYNTHETIC" in doc["training_data"]["label"]
+
+
+def test_runtime_matches_keras_preprocessing(bundle_dir, scans, keys):
     from medrobust.data.images import load_image
 
     from export import converters
     from export.runtime import Screener
 
-    screener = Screener(bundle_dir)
+    screener = Screener(bundle_dir, trusted_key=keys.public)
     x = load_image(scans / "rgba.png", IMAGE_SIZE)
     probs, score, flag = screener.predict(x)
     ref = converters.run_tflite((bundle_dir / "screening.tflite").read_bytes(), x[None])
@@ -190,15 +259,34 @@ def test_runtime_matches_keras_preprocessing(bundle_dir, scans):
     assert isinstance(rows, types.GeneratorType)  # streaming: one image at a time
 
 
-def test_no_images_found_is_an_error(bundle_dir, tmp_path, capsys):
+def test_no_images_found_is_an_error_with_no_output(bundle_dir, trust, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert _main("--bundle", str(bundle_dir), str(tmp_path / "empty")) == 2
-    assert "no image files found" in capsys.readouterr().err
+    assert _main("--bundle", str(bundle_dir), *trust, str(tmp_path / "empty")) == 2
+    captured = capsys.readouterr()
+    assert "no image files found" in captured.err
+    assert captured.out == ""  # no CSV header before the error
 
 
-def test_bad_out_extension(bundle_dir, scans, capsys):
-    assert _main("--bundle", str(bundle_dir), str(scans), "--out", "results.xlsx") == 2
+def test_bad_out_extension(bundle_dir, scans, trust, capsys):
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", "results.xlsx") == 2
     assert ".csv or .json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("typo, meant", [("--thread", "--threads"), ("--bundel", "--bundle"),
+                                         ("--trusted-keys", "--trusted-key"), ("--allow", "--allow-unsigned"),
+                                         ("--qiet", "--quiet")])
+def test_unknown_or_abbreviated_option_names_the_closest_one(bundle_dir, scans, trust, typo, meant, capsys):
+    """No prefix matching (--allow must not silently become --allow-unsigned): every unknown option fails
+    before any work, naming the option it most likely meant."""
+    argv = ["--bundle", str(bundle_dir), *trust, str(scans / "nested")]
+    argv = [typo if a == "--bundle" and typo == "--bundel" else a for a in argv]
+    if typo != "--bundel":
+        argv += [typo, "2"] if typo == "--thread" else [typo]
+    with pytest.raises(SystemExit) as exc:
+        _main(*argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert f"unknown option {typo} (did you mean {meant}?)" in captured.err and captured.out == ""
 
 
 # ------------------------------------------------------------------------------ bundle integrity
@@ -210,28 +298,29 @@ def _copy(bundle_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["screening.tflite", "detector.tflite"])
-def test_one_changed_byte_is_refused(bundle_dir, scans, tmp_path, capsys, name):
+def test_one_changed_byte_is_refused(bundle_dir, scans, trust, tmp_path, capsys, name):
     bad = _copy(bundle_dir, tmp_path)
     data = bytearray((bad / name).read_bytes())
     data[len(data) // 2] ^= 0x01
     (bad / name).write_bytes(bytes(data))
-    assert _main("--bundle", str(bad), str(scans)) == 2
+    assert _main("--bundle", str(bad), *trust, str(scans)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
     assert name in err and "sha256" in err
 
 
-def test_missing_file_is_refused(bundle_dir, scans, tmp_path, capsys):
+def test_missing_file_is_refused(bundle_dir, scans, trust, tmp_path, capsys):
     bad = _copy(bundle_dir, tmp_path)
     (bad / "classifier.tflite").unlink()
-    assert _main("--bundle", str(bad), str(scans)) == 2
+    assert _main("--bundle", str(bad), *trust, str(scans)) == 2
     err = capsys.readouterr().err
     assert "classifier.tflite" in err and "missing" in err
 
 
 @pytest.mark.parametrize("field", ["threshold", "files", "classes", "preprocessing.image_size",
                                    "models.screening.file"])
-def test_manifest_missing_field_is_refused(bundle_dir, scans, tmp_path, capsys, field):
+def test_manifest_missing_field_is_refused(bundle_dir, scans, keys, tmp_path, capsys, field):
+    """Also when the bundle is re-signed after the edit (the manifest itself must be complete)."""
     bad = _copy(bundle_dir, tmp_path)
     manifest = json.loads((bad / "manifest.json").read_text())
     node = manifest
@@ -240,7 +329,11 @@ def test_manifest_missing_field_is_refused(bundle_dir, scans, tmp_path, capsys, 
         node = node[key]
     del node[last]
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    assert _main("--bundle", str(bad), str(scans)) == 2
+    assert _main("--bundle", str(bad), "--allow-unsigned", str(scans)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing field" in err and last in err
+    (bad / "signature.json").write_text(json.dumps(_signature_over(bad, keys.private)))
+    assert _main("--bundle", str(bad), "--trusted-key", str(keys.public), str(scans)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
     assert "missing field" in err and last in err
@@ -249,28 +342,153 @@ def test_manifest_missing_field_is_refused(bundle_dir, scans, tmp_path, capsys, 
 def test_no_manifest_and_broken_manifest_are_refused(bundle_dir, scans, tmp_path, capsys):
     bad = _copy(bundle_dir, tmp_path)
     (bad / "manifest.json").write_text("{ not json")
-    assert _main("--bundle", str(bad), str(scans)) == 2
+    assert _main("--bundle", str(bad), "--allow-unsigned", str(scans)) == 2
     assert "not valid JSON" in capsys.readouterr().err
     (bad / "manifest.json").unlink()
-    assert _main("--bundle", str(bad), str(scans)) == 2
+    assert _main("--bundle", str(bad), "--allow-unsigned", str(scans)) == 2
     assert "no manifest.json" in capsys.readouterr().err
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     manifest["files"]["../escape.tflite"] = {"sha256": "0" * 64}
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    assert _main("--bundle", str(bad), str(scans)) == 2
+    assert _main("--bundle", str(bad), "--allow-unsigned", str(scans)) == 2
     assert "plain file name" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- signatures (issue 12)
+
+def _signature_over(bundle: Path, private_key) -> dict:
+    """A valid signature.json for the bundle's current manifest bytes, made with `private_key`."""
+    from export.signing import load_private_key, sign_manifest
+
+    return sign_manifest((bundle / "manifest.json").read_bytes(), load_private_key(private_key))
+
+
+def test_signed_bundle_is_verified_and_needs_a_key_or_an_explicit_flag(bundle_dir, scans, keys, capsys):
+    from export.runtime import Screener
+
+    screener = Screener(bundle_dir, trusted_key=keys.public)
+    assert screener.signature["status"] == "verified"
+    assert screener.signature["key_fingerprint"] == json.loads((bundle_dir / "signature.json").read_text())[
+        "key_fingerprint"]
+    assert _main("--bundle", str(bundle_dir), str(scans / "nested")) == 2  # neither flag: refused
+    err = capsys.readouterr().err
+    assert "--trusted-key" in err and "--allow-unsigned" in err
+    assert _main("--bundle", str(bundle_dir), "--trusted-key", str(keys.public), "--allow-unsigned",
+                 str(scans / "nested")) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert _main("--bundle", str(bundle_dir), "--trusted-key", str(keys.private), str(scans / "nested")) == 2
+    assert "private key" in capsys.readouterr().err  # the operator passed the wrong file
+
+
+def test_unsigned_bundle_works_only_with_allow_unsigned_and_every_output_says_so(bundle_dir, scans, trust,
+                                                                                  tmp_path, capsys):
+    unsigned = _copy(bundle_dir, tmp_path)
+    (unsigned / "signature.json").unlink()
+    assert _main("--bundle", str(unsigned), *trust, str(scans / "nested")) == 2
+    assert "not signed" in capsys.readouterr().err
+    assert _main("--bundle", str(unsigned), "--allow-unsigned", str(scans / "nested"), "--quiet") == 0
+    captured = capsys.readouterr()
+    assert "NOT VERIFIED" in captured.err  # printed even with --quiet
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert rows and all(r["bundle_signature"] == "NOT VERIFIED (--allow-unsigned)" for r in rows)
+    out = tmp_path / "r.json"
+    assert _main("--bundle", str(unsigned), "--allow-unsigned", str(scans / "nested"), "--out", str(out)) == 0
+    assert json.loads(out.read_text())["bundle_signature"]["status"] == "not verified"
+
+
+def test_edited_threshold_is_refused_signed_or_not(bundle_dir, scans, keys, tmp_path, capsys):
+    """Issue 12: a manifest whose threshold was set to 1000 was accepted (the baked-in one still decided)."""
+    bad = _copy(bundle_dir, tmp_path)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["threshold"] = 1000.0
+    (bad / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    assert _main("--bundle", str(bad), "--trusted-key", str(keys.public), str(scans / "nested")) == 2
+    assert "signature does not verify" in capsys.readouterr().err
+    assert _main("--bundle", str(bad), "--allow-unsigned", str(scans / "nested")) == 2
+    err = capsys.readouterr().err
+    assert "threshold 1000.0" in err and "baked in" in err
+    # Even re-signed by the publisher's own key, the manifest does not describe its model.
+    (bad / "signature.json").write_text(json.dumps(_signature_over(bad, keys.private)))
+    assert _main("--bundle", str(bad), "--trusted-key", str(keys.public), str(scans / "nested")) == 2
+    assert "baked in" in capsys.readouterr().err
+
+
+def test_swapped_model_with_its_sha256_and_someone_elses_signature_is_refused(bundle_dir, scans, keys, tmp_path,
+                                                                             capsys):
+    """Issue 12: replacing screening.tflite together with its sha256 in the manifest was accepted."""
+    from export.runtime import sha256_file
+
+    bad = _copy(bundle_dir, tmp_path)
+    data = bytearray((bad / "screening.tflite").read_bytes())
+    data[len(data) // 2] ^= 0x01  # stands for a backdoored model (still the same graph here)
+    (bad / "screening.tflite").write_bytes(bytes(data))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["screening.tflite"]["sha256"] = sha256_file(bad / "screening.tflite")
+    (bad / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    assert _main("--bundle", str(bad), "--trusted-key", str(keys.public), str(scans / "nested")) == 2
+    assert "signature does not verify" in capsys.readouterr().err
+    # The attacker re-signs with their own key: still refused against the publisher's key.
+    (bad / "signature.json").write_text(json.dumps(_signature_over(bad, keys.other_private)))
+    assert _main("--bundle", str(bad), "--trusted-key", str(keys.public), str(scans / "nested")) == 2
+    err = capsys.readouterr().err
+    assert "signature does not verify" in err and "not by the trusted key" in err
+    # ...and a forged fingerprint in signature.json changes nothing.
+    doc = _signature_over(bad, keys.other_private)
+    doc["key_fingerprint"] = json.loads((bundle_dir / "signature.json").read_text())["key_fingerprint"]
+    (bad / "signature.json").write_text(json.dumps(doc))
+    assert _main("--bundle", str(bad), "--trusted-key", str(keys.public), str(scans / "nested")) == 2
+    assert "signature does not verify" in capsys.readouterr().err
+
+
+def test_sign_refuses_a_bundle_whose_files_changed(bundle_dir, keys, tmp_path):
+    from medrobust import cli
+
+    from export.bundle import sign_bundle
+
+    bad = _copy(bundle_dir, tmp_path)
+    (bad / "classifier.tflite").write_bytes(b"not the exported model")
+    with pytest.raises(cli.UsageError, match="not signing.*classifier.tflite"):
+        sign_bundle(bad, keys.private, log=lambda m: None)
+
+
+def test_keygen_and_sign_commands(bundle_dir, tmp_path):
+    env = {**ENV, "H12_PASS": "correct horse"}
+    key = tmp_path / "k"
+    old = os.umask(0o022)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "export", "keygen", "--out", str(key), "--passphrase-env",
+                               "H12_PASS"], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    assert "SHA256:" in proc.stdout and "--trusted-key" in proc.stdout
+    assert key.stat().st_mode & 0o777 == 0o600 and (tmp_path / "k.pub").stat().st_mode & 0o777 == 0o644
+    assert b"ENCRYPTED" in key.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "export", "keygen", "--out", str(key)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "already exists" in proc.stderr  # never overwrites a key
+    bundle = _copy(bundle_dir, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "export", "sign", "--bundle", str(bundle), "--key", str(key)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "passphrase" in proc.stderr  # encrypted key, no passphrase given
+    proc = subprocess.run([sys.executable, "-m", "export", "sign", "--bundle", str(bundle), "--key", str(key),
+                           "--passphrase-env", "H12_PASS"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from export.runtime import Screener
+
+    assert Screener(bundle, trusted_key=tmp_path / "k.pub").signature["status"] == "verified"
 
 
 # ------------------------------------------------------------------------------- no TensorFlow
 
-def test_runtime_runs_without_tensorflow(bundle_dir, scans, tmp_path):
+def test_runtime_runs_without_tensorflow(bundle_dir, scans, trust, tmp_path):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(bundle_dir), str(scans), "--out", str(out)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(bundle_dir), *trust, str(scans),
+                           "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["summary"]["error"] == len(BAD) and doc["summary"]["images"] >= len(GOOD | BAD)
-    assert "screened" in proc.stderr
+    assert "screened" in proc.stderr and doc["bundle_signature"]["status"] == "verified"
 
 
 def test_console_script_and_module_help():
@@ -298,13 +516,35 @@ def test_export_package_import_is_light():
     (np.full((28, 28, 1), 7.0, np.float32), "in \\[0, 1\\]"),
     (np.zeros((28, 28, 1), np.complex64), "dtype"),
 ])
-def test_predict_refuses_wrong_tensors_with_a_clear_message(bundle_dir, bad, words):
+def test_predict_refuses_wrong_tensors_with_a_clear_message(bundle_dir, keys, bad, words):
     from export.runtime import Screener
 
-    screener = Screener(bundle_dir)
+    screener = Screener(bundle_dir, trusted_key=keys.public)
     if bad.shape[1:3] == (28, 28) and screener.image_size != 28:
         pytest.skip("bundle image size differs")
     with pytest.raises(ValueError, match=words):
         screener.predict(bad)
     probs, score, flag = screener.predict(np.zeros((screener.image_size,) * 2 + (1,), np.float32))
     assert probs.shape == (4,) and np.isfinite(score)
+
+
+def test_light_install_has_no_tensorflow_and_ships_every_module_the_runtime_loads(bundle_dir, scans, trust, tmp_path):
+    """Issue 12: the TF-free screening install printed a pip conflict (medrobust requires tensorflow).
+    `pip install ./edge` is its own distribution: its requirements hold no TensorFlow, and it ships every
+    project module a screening run (signature check included) actually loads."""
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+                          cwd=REPO / "edge", capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    info = next(tmp_path.glob("*.egg-info"))
+    assert "Name: medrobust-screen" in (info / "PKG-INFO").read_text()
+    base = (info / "requires.txt").read_text().split("\n[")[0]  # before the extras' sections
+    requires = {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in base.split()}
+    assert requires == {"numpy", "pillow", "ai-edge-litert", "cryptography", "pydicom"}
+    assert "medrobust-screen = export.runtime:main" in (info / "entry_points.txt").read_text()
+    shipped = {line[len("../"):-len(".py")].replace("/", ".").removesuffix(".__init__")
+               for line in (info / "SOURCES.txt").read_text().splitlines() if line.startswith("../")}
+    run = subprocess.run([sys.executable, "-c", LOADED, "--bundle", str(bundle_dir), *trust, str(scans / "nested"),
+                          "--quiet"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = set(json.loads(run.stdout.strip().splitlines()[-1]))
+    assert "export.signing" in loaded and loaded <= shipped, sorted(loaded - shipped)
