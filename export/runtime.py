@@ -45,7 +45,7 @@ umask's permissions) that is renamed into place at the end; nothing is written b
 
 Exit status: 0 when every file found was processed (error rows included); 2 for a bad bundle, a
 signature that does not verify, bad arguments, an input path that does not exist, or when no image
-file was found; 130 when interrupted.
+file was found; 130 when interrupted; 141 when the reader of standard output went away (``| head``).
 """
 
 from __future__ import annotations
@@ -590,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `medrobust-screen ... | head`: stop quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        os.close(devnull)
+        return 141
 
 
 def _run(args, log, warn) -> int:

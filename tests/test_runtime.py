@@ -548,3 +548,15 @@ def test_light_install_has_no_tensorflow_and_ships_every_module_the_runtime_load
     assert run.returncode == 0, run.stderr[-2000:]
     loaded = set(json.loads(run.stdout.strip().splitlines()[-1]))
     assert "export.signing" in loaded and loaded <= shipped, sorted(loaded - shipped)
+
+
+def test_a_closed_pipe_ends_the_run_quietly(bundle_dir, scans, trust):
+    """`medrobust-screen ... | head -1`: exit 141 (as after SIGPIPE), no traceback."""
+    many = [str(scans)] * 40  # ~600 rows: more than a pipe buffer holds
+    proc = subprocess.Popen([sys.executable, "-m", "export.runtime", "--bundle", str(bundle_dir), *trust, *many,
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stdout.readline().startswith(b"file,verdict")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err[-2000:]
+    assert "Traceback" not in err
