@@ -415,6 +415,34 @@ def onnx_first_layer_nodes(proto) -> list[str]:
     return names
 
 
+def _own_weights(proto, node_names: list[str]) -> int:
+    """Give the named nodes their own copy of every initializer they share with another node. A weight
+    shared with a quantized node would be quantized for both (the fused screening graph runs the
+    classifier on the image and on the reconstruction with the same weights), and the float32 first
+    layer would read int8-rounded weights. Returns how many initializers were copied."""
+    from onnx import TensorProto
+
+    initializers = {i.name: i for i in proto.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    copied = 0
+    for node in proto.graph.node:
+        if node.name not in node_names:
+            continue
+        for k, name in enumerate(node.input):
+            if name in initializers and uses.get(name, 0) > 1:
+                clone = TensorProto()
+                clone.CopyFrom(initializers[name])
+                clone.name = f"{name}__{node.name}"
+                proto.graph.initializer.append(clone)
+                node.input[k] = clone.name
+                uses[name] -= 1
+                copied += 1
+    return copied
+
+
 def _float_graph_outputs(proto, reference) -> int:
     """Replace every QuantizeLinear -> DequantizeLinear pair that ends in a graph output by an Identity of the
     float tensor before it: the model's outputs are then the float32 values of the last layer, not values
@@ -484,6 +512,8 @@ def quantize_onnx_int8(model_bytes: bytes, calibration: np.ndarray, int8_scope: 
         onnx.save(proto, pre)
         input_name = proto.graph.input[0].name
         exclude = onnx_first_layer_nodes(proto) if int8_scope == "mixed" else []
+        if _own_weights(proto, exclude):
+            onnx.save(proto, pre)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(pre, dst, reader_cls(calibration, input_name), quant_format=QuantFormat.QDQ,
