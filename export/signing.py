@@ -100,6 +100,8 @@ def load_private_key(path, passphrase: bytes | None = None):
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
         raise SignatureError(f"{path}: {exc} (see --passphrase-env)") from None
     except ValueError as exc:
+        if b"PUBLIC KEY" in data:
+            raise SignatureError(f"{path}: this is a public key; sign with the private key (without .pub)") from None
         reason = str(exc).splitlines()[0] if str(exc) else "unreadable"
         raise SignatureError(f"{path}: not a usable PEM private key ({reason}; wrong passphrase?)") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
