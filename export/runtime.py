@@ -38,7 +38,9 @@ multi-frame, 8/16-bit, MONOCHROME1/2, rescale/window applied) are read by ``expo
 reported per volume by ``export.volume``: one row per volume (one eye) with the worst-class verdict
 over its B-scans, plus one row per B-scan with --per-frame; patient identifiers are written only
 with --keep-identifiers.  When any DICOM file is among the inputs the rows gain the columns
-``export.volume.DICOM_COLUMNS`` (level, frame, frames, counts, reason, sop_instance_uid, laterality). Folders are searched recursively for files with an image extension (hidden files
+``export.volume.DICOM_COLUMNS`` (level, frame, frames, counts, reason, sop_instance_uid, laterality).
+
+Folders are searched recursively for files with an image extension or DICOM files (hidden files
 and folders are skipped); files named explicitly are always screened. Images are processed one at a
 time (bounded memory); with --out the results are streamed to a temporary file (created with the
 umask's permissions) that is renamed into place at the end; nothing is written before the first row.

@@ -27,7 +27,7 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,  # noqa: E402
                          generate_uid)
-from test_runtime import ENV, IMAGE_SIZE, NO_TF, bundle_dir  # noqa: E402,F401  (bundle_dir: fixture)
+from test_runtime import ENV, IMAGE_SIZE, NO_TF, bundle_dir, keys, run_dir  # noqa: E402,F401  (fixtures)
 
 from export import dicom  # noqa: E402
 from export.volume import VolumeTally, severity_order  # noqa: E402
@@ -158,7 +158,7 @@ GOOD = ["oct8.dcm", "oct16_rescale.dcm", "series/IM000001", "oct_jpeg.dcm", "oct
 def _main(*args: str) -> int:
     from export.runtime import main
 
-    return main(list(args))
+    return main([*args, "--allow-unsigned"])  # the signature checks are tested in test_runtime.py
 
 
 # ------------------------------------------------------------------------------- frames == JPEG
@@ -197,7 +197,7 @@ def test_decoy_window_would_have_changed_the_frames(volumes, bscans):
 def test_verdicts_equal_the_jpeg_verdicts(bundle_dir, volumes, bscans, tmp_path):  # noqa: F811
     from export.runtime import Screener
 
-    screener = Screener(bundle_dir)
+    screener = Screener(bundle_dir, allow_unsigned=True)
     jpeg_rows = [screener.screen_file(str(p)) for p in bscans]
     out = tmp_path / "r.json"
     files = [str(volumes / n) for n in GOOD]
@@ -304,11 +304,11 @@ def test_a_header_claiming_too_many_frames(bundle_dir, volumes, tmp_path):  # no
     ds = pydicom.dcmread(volumes / "oct8.dcm")
     ds.NumberOfFrames = 5000
     ds.save_as(tmp_path / "lie.dcm")
-    (row,) = screen_volume(Screener(bundle_dir), str(tmp_path / "lie.dcm"))
+    (row,) = screen_volume(Screener(bundle_dir, allow_unsigned=True), str(tmp_path / "lie.dcm"))
     assert (row["frames"], row["error_frames"]) == (5000, 4994) and "truncated" in row["error"]
     ds.NumberOfFrames = dicom.MAX_FRAMES + 1
     ds.save_as(tmp_path / "huge.dcm")
-    (row,) = screen_volume(Screener(bundle_dir), str(tmp_path / "huge.dcm"))
+    (row,) = screen_volume(Screener(bundle_dir, allow_unsigned=True), str(tmp_path / "huge.dcm"))
     assert row["verdict"] == "error" and "MAX_FRAMES" in row["error"]
 
 
@@ -321,7 +321,8 @@ def test_min_confidence_out_of_range_is_refused_before_loading(tmp_path, capsys)
 @pytest.mark.realdata
 def test_dicom_screening_runs_without_tensorflow(bundle_dir, volumes, tmp_path):  # noqa: F811
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(bundle_dir), str(volumes), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(bundle_dir), "--allow-unsigned", str(volumes),
+                           "--out", str(out)],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
