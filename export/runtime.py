@@ -519,38 +519,8 @@ def _json_row(row: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------- main
 
-class ArgumentParser(cli.ArgumentParser):
-    """medrobust.cli's parser (an unknown option names the closest valid one), without prefix matching
-    (`--allow` must not silently mean --allow-unsigned, nor `--thread` --threads), and checking every
-    option-like token first, so a mistyped required option (`--bundel`) is named as such rather than
-    reported as a missing --bundle. All before any work is done."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["allow_abbrev"] = False
-        super().__init__(*args, **kwargs)
-
-    def parse_args(self, args=None, namespace=None):
-        argv = list(sys.argv[1:] if args is None else args)
-        known = {o for action in self._actions for o in action.option_strings}
-        for token in argv:
-            if token == "--":
-                break
-            if token.startswith("-") and len(token) > 1 and not _is_number(token) \
-                    and token.split("=", 1)[0] not in known:
-                self.error(self._unknown_message([token]))
-        return super().parse_args(argv, namespace)
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="medrobust-screen",
         description="Screen retinal OCT scans with an exported medrobust bundle (LiteRT, no TensorFlow). "
                     "One row per image: file, verdict (classify|refer|error), class, confidence, "

@@ -352,10 +352,24 @@ def run(component) -> None:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts, with the Fire commands' answer to a mistyped option: the closest valid one.
 
-    Python 3.11's argparse says only "unrecognized arguments: --limt 10".
+    Python 3.11's argparse says only "unrecognized arguments: --limt 10". Prefixes are not expanded
+    (allow_abbrev=False): `--lim 5` is refused, never silently taken as `--limit 5`.
     """
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def parse_args(self, args=None, namespace=None):
+        # Every option-like token is checked first, so a mistyped required option (`--bundel`) is named
+        # as such rather than reported as a missing --bundle.
+        args = list(sys.argv[1:] if args is None else args)
+        known = {o for action in self._actions for o in action.option_strings}
+        for token in args:
+            if token == "--":
+                break
+            if _is_flag(token) and token.split("=", 1)[0] not in known:
+                self.error(self._unknown_message([token]))
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             self.error(self._unknown_message(extras))
