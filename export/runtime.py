@@ -91,6 +91,7 @@ COLUMNS = ("file", "verdict", "class", "confidence", "anomaly_score", "error", "
 # Columns that describe the run rather than the image: in the JSON output they live in the header.
 RUN_COLUMNS = ("training_data", "bundle_signature")
 UNVERIFIED = "NOT VERIFIED (--allow-unsigned)"
+TRUSTED_KEY_ENV = "MEDROBUST_TRUSTED_KEY"  # a provisioned device's publisher key, used when --trusted-key is absent
 
 # Fields the runtime relies on; a manifest without one of them is refused.
 REQUIRED_FIELDS = ("format", "format_version", "classes", "input", "preprocessing", "threshold", "models", "files")
@@ -537,7 +538,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--bundle", required=True, help="bundle folder written by `python -m export bundle`")
     parser.add_argument("--trusted-key", default=None, metavar="PUBLIC_KEY",
                         help="the bundle publisher's Ed25519 public key (PEM, from `python -m export keygen`); "
-                             "the bundle's signature.json must verify with it")
+                             "the bundle's signature.json must verify with it. Default: $MEDROBUST_TRUSTED_KEY "
+                             "(set once when a device is provisioned), unless --allow-unsigned is given")
     parser.add_argument("--allow-unsigned", action="store_true",
                         help="screen without checking the signature (who made the bundle is then unknown: "
                              "every output says NOT VERIFIED)")
@@ -576,7 +578,11 @@ def _run(args, log, warn) -> int:
         volume_options = volumes.options_from_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    screener = Screener(args.bundle, threads=args.threads, trusted_key=args.trusted_key,
+    trusted_key = args.trusted_key
+    if trusted_key is None and not args.allow_unsigned and os.environ.get(TRUSTED_KEY_ENV):
+        trusted_key = os.environ[TRUSTED_KEY_ENV]
+        log(f"trusted key from ${TRUSTED_KEY_ENV}: {trusted_key}")
+    screener = Screener(args.bundle, threads=args.threads, trusted_key=trusted_key,
                         allow_unsigned=args.allow_unsigned)
     m = screener.manifest
     if screener.signature["status"] == "verified":

@@ -380,6 +380,24 @@ def test_signed_bundle_is_verified_and_needs_a_key_or_an_explicit_flag(bundle_di
     assert "private key" in capsys.readouterr().err  # the operator passed the wrong file
 
 
+def test_a_provisioned_device_takes_the_trusted_key_from_the_environment(bundle_dir, scans, keys, tmp_path,
+                                                                          monkeypatch, capsys):
+    """INTERFACE's bare `medrobust-screen --bundle B IMAGES` works on a device set up with
+    $MEDROBUST_TRUSTED_KEY; it still refuses a bundle signed by someone else, and an explicit
+    --allow-unsigned is not overridden by the variable."""
+    monkeypatch.setenv("MEDROBUST_TRUSTED_KEY", str(keys.public))
+    assert _main("--bundle", str(bundle_dir), str(scans / "nested"), "--quiet") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows and all(r["bundle_signature"].startswith("verified") for r in rows)
+    monkeypatch.setenv("MEDROBUST_TRUSTED_KEY", str(keys.other_public))
+    assert _main("--bundle", str(bundle_dir), str(scans / "nested")) == 2
+    capsys.readouterr()
+    unsigned = _copy(bundle_dir, tmp_path)
+    (unsigned / "signature.json").unlink()
+    assert _main("--bundle", str(unsigned), "--allow-unsigned", str(scans / "nested"), "--quiet") == 0
+    assert "NOT VERIFIED" in capsys.readouterr().err
+
+
 def test_unsigned_bundle_works_only_with_allow_unsigned_and_every_output_says_so(bundle_dir, scans, trust,
                                                                                   tmp_path, capsys):
     unsigned = _copy(bundle_dir, tmp_path)
