@@ -21,6 +21,8 @@ METHODS = ("ssat", "standard", "pgd_at", "trades")
 ATTACKS = ("fgsm", "pgd")
 STRATEGIES = ("none", "mirrored", "multiworker")
 LR_SCHEDULES = ("cosine", "constant")
+AUGMENT = ("auto", "true", "false")
+CLASS_WEIGHTS = ("balanced", "none")
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
 
@@ -32,8 +34,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
           lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
           teacher: str | None = "snapshot", pretrain_epochs: float = 3.0, strategy: str = "none",
-          detector_epochs: int = 10, target_fpr: float = 0.05, overwrite="false", tensorboard="false",
-          progress="true") -> dict:
+          detector_epochs: int = 10, target_fpr: float = 0.05, augment: str = "auto", class_weight: str = "balanced",
+          weights: str | None = None, overwrite="false", tensorboard="false", progress="true") -> dict:
     """Train a classifier with the chosen method and, unless --detector false, the UAD detector.
 
     Args:
@@ -56,6 +58,12 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         of --epochs).
       strategy: none | mirrored | multiworker (tf.distribute).
       target_fpr: detector false-alarm rate on clean validation images.
+      arch: small_cnn | strided_cnn | mobilenet_v3_small | resnet18 (see medrobust/models).
+      augment: auto (on for real scans, off for the synthetic phantom) | true | false: random flips,
+        shifts, zooms, brightness and contrast of training images (medrobust.data.pipeline.AUGMENTATION).
+      class_weight: balanced (each class weighs n / (4 n_c) in every method's labeled loss) | none.
+      weights: initial weights: a classifier .keras / .weights.h5 of the same architecture and size, or
+        for mobilenet_v3_small a keras.applications no-top backbone .h5 file.
     """
     options = dict(locals())
     options.update(
@@ -64,10 +72,14 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         lr_schedule=_choice(lr_schedule, LR_SCHEDULES, "lr-schedule"),
         detector=cli.parse_bool(detector, "detector"), overwrite=cli.parse_bool(overwrite, "overwrite"),
         tensorboard=cli.parse_bool(tensorboard, "tensorboard"), progress=cli.parse_bool(progress, "progress"),
-        data=str(data), out=str(out),
+        data=str(data), out=str(out), augment=_choice(augment, AUGMENT, "augment"),
+        class_weight=_choice(class_weight, CLASS_WEIGHTS, "class-weight"),
+        weights=None if weights is None else str(Path(str(weights)).expanduser()),
     )
     _check_numbers(options)
     _check_data_argument(options["data"])
+    if options["weights"] is not None and not Path(options["weights"]).is_file():
+        raise cli.UsageError(f"--weights {weights}: no such file")
     out_dir = Path(options["out"])
     if _already_done(out_dir, options):
         print(f"{out_dir}: this run is already complete (metrics.json); pass --overwrite true to train again")
@@ -95,19 +107,22 @@ def _train(o: dict, out_dir: Path) -> dict:
     labeled, unlabeled = labeled_unlabeled_split(y_train, o["label_fraction"], o["seed"])
     semi = o["method"] == "ssat" and len(unlabeled) > 0
     print(f"labels: {len(labeled)} labeled, {len(unlabeled)} unlabeled (fraction {o['label_fraction']})")
+    recipe = training_recipe(o, data, y_train[labeled])
+    print(f"recipe: augmentation {recipe['augmentation'] or 'off'}; class weights {recipe['class_weights'] or 'none'}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {**{k: v for k, v in o.items() if k not in NOT_PART_OF_RUN}, "data_source": data.source,
               "synthetic_data": data.synthetic, "n_labeled": int(len(labeled)), "n_unlabeled": int(len(unlabeled)),
-              "split_sizes": {s: int(len(data[s][1])) for s in data.splits}, "versions": package_versions(),
+              "split_sizes": {s: int(len(data[s][1])) for s in data.splits}, "split_patients": data.patient_counts(),
+              **recipe, "versions": package_versions(),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     atomic_write_json(out_dir / "config.json", config)
 
     steps = steps_per_epoch(len(x_train), o["batch_size"])
     strategy = make_strategy(o["strategy"])
     with strategy.scope():
-        classifier = build_classifier(o["arch"], o["image_size"], o["width"])
-        options = trainer_options(o, load_classifier, steps)
+        classifier = build_classifier(o["arch"], o["image_size"], o["width"], weights=o["weights"])
+        options = {**trainer_options(o, load_classifier, steps), "class_weights": recipe["class_weights"]}
         trainer = make_trainer(o["method"], classifier, **options)
         if o["method"] == "ssat":
             print(f"ssat: {options['pretrain_steps']} labeled-only steps, then lam {o['lam']} with pseudo-labels "
@@ -119,7 +134,8 @@ def _train(o: dict, out_dir: Path) -> dict:
 
     train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
                              x_unlabeled=x_train[unlabeled] if semi else None,
-                             unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"])
+                             unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"],
+                             augment=recipe["augmentation"])
     callbacks = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup"), delete_checkpoint=True),
         keras.callbacks.CSVLogger(str(out_dir / "training_log.csv"), append=True),
@@ -136,12 +152,14 @@ def _train(o: dict, out_dir: Path) -> dict:
     metrics = {
         "clean_accuracy": accuracy(classifier, x_test, y_test),
         "val_accuracy": accuracy(classifier, *data["val"]),
+        **{f"{s}_sensitivity": class_sensitivity(classifier, *data[s], data.classes) for s in ("val", "test")},
         "method": o["method"], "label_fraction": o["label_fraction"], "epochs": o["epochs"],
         "steps_per_epoch": steps, "train_seconds_last_session": round(train_seconds, 2),
         "data_source": data.source, "synthetic_data": data.synthetic, "n_test": int(len(y_test)),
     }
     print(f"clean test accuracy: {metrics['clean_accuracy']:.4f} on {len(y_test)} images"
-          + (" (SYNTHETIC phantom)" if data.synthetic else ""))
+          + (" (SYNTHETIC phantom)" if data.synthetic else "") + "; sensitivity "
+          + ", ".join(f"{c} {v:.2f}" for c, v in metrics["test_sensitivity"].items() if v is not None))
     if o["detector"]:
         from medrobust.detection import train_detector
 
@@ -150,6 +168,28 @@ def _train(o: dict, out_dir: Path) -> dict:
     atomic_write_json(out_dir / "metrics.json", metrics)
     print(f"wrote {out_dir}")
     return metrics
+
+
+def class_sensitivity(classifier, x, y, classes) -> dict:
+    """{class: sensitivity (recall) on (x, y), None if the class is absent}."""
+    import numpy as np
+    from medrobust.evaluation.metrics import clinical_metrics
+
+    logits = np.asarray(classifier.predict(x, batch_size=256, verbose=0), np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    per_class = clinical_metrics(y, probs / probs.sum(axis=1, keepdims=True))["per_class"]
+    return {c: None if per_class[c]["sensitivity"] is None else round(per_class[c]["sensitivity"], 4)
+            for c in classes}
+
+
+def training_recipe(o: dict, data, y_labeled) -> dict:
+    """The resolved augmentation spec (None = off) and class weights (None = plain means), for config.json."""
+    from medrobust.data.pipeline import AUGMENTATION
+    from medrobust.training.base import balanced_class_weights
+
+    augment = not data.synthetic if o["augment"] == "auto" else o["augment"] == "true"
+    weights = balanced_class_weights(y_labeled, len(data.classes)) if o["class_weight"] == "balanced" else None
+    return {"augmentation": dict(AUGMENTATION) if augment else None, "class_weights": weights}
 
 
 def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
