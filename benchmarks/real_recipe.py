@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--augment", default="true", choices=("true", "false"))
     parser.add_argument("--class-weight", default="balanced", choices=("balanced", "none"))
+    parser.add_argument("--augmentation", default=None,
+                        help='JSON overriding keys of medrobust.data.pipeline.AUGMENTATION, e.g. \'{"rotate": 10}\'')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=0,
                         help="K > 1: patient-grouped K-fold cross-validation over train + val instead of train -> val")
@@ -104,6 +106,8 @@ def main() -> None:
         """Train the recipe on (x, y); returns the classifier, seconds per epoch and val accuracy per epoch."""
         keras.utils.set_random_seed(seed)
         recipe = training_recipe(o, data, y)
+        if recipe["augmentation"] and args.augmentation:
+            recipe["augmentation"].update(json.loads(args.augmentation))
         classifier = build_classifier(args.arch, args.image_size, args.width)
         steps = steps_per_epoch(len(x), args.batch_size)
         trainer = make_trainer(args.method, classifier, class_weights=recipe["class_weights"],
@@ -148,7 +152,8 @@ def main() -> None:
     row = {
         "data": data.describe(), "arch": args.arch, "width": args.width, "image_size": args.image_size,
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "augment": args.augment, "class_weight": args.class_weight, "seed": args.seed,
+        "augment": args.augment, "augmentation": args.augmentation, "class_weight": args.class_weight,
+        "seed": args.seed,
         "params": int(classifier.count_params()), "macs": count_macs(classifier, args.image_size),
         "load_seconds": round(load_seconds, 2), "train_seconds": round(train_seconds, 1),
         "first_epoch_seconds": round(epoch_times[0], 1),

@@ -21,6 +21,8 @@ METHODS = ("ssat", "standard", "pgd_at", "trades")
 ATTACKS = ("fgsm", "pgd")
 STRATEGIES = ("none", "mirrored", "multiworker")
 LR_SCHEDULES = ("cosine", "constant")
+ARCHS = ("auto", "small_cnn", "strided_cnn", "mobilenet_v3_small", "resnet18")  # medrobust.models.ARCHITECTURES
+STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
 AUGMENT = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
 # Options that do not change the result, so a rerun with a different value still resumes.
@@ -29,7 +31,7 @@ NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
 
 def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, epochs: int = 10,
           image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float = 3.0,
-          attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "small_cnn", width: int | None = None,
+          attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "auto", width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
@@ -58,7 +60,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         of --epochs).
       strategy: none | mirrored | multiworker (tf.distribute).
       target_fpr: detector false-alarm rate on clean validation images.
-      arch: small_cnn | strided_cnn | mobilenet_v3_small | resnet18 (see medrobust/models).
+      arch: auto (small_cnn below 64 px, strided_cnn from 64 px: measured in README, "Training on real
+        scans") | small_cnn | strided_cnn | mobilenet_v3_small | resnet18 (see medrobust/models).
       augment: auto (on for real scans, off for the synthetic phantom) | true | false: random flips,
         shifts, zooms, brightness and contrast of training images (medrobust.data.pipeline.AUGMENTATION).
       class_weight: balanced (each class weighs n / (4 n_c) in every method's labeled loss) | none.
@@ -75,7 +78,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         data=str(data), out=str(out), augment=_choice(augment, AUGMENT, "augment"),
         class_weight=_choice(class_weight, CLASS_WEIGHTS, "class-weight"),
         weights=None if weights is None else str(Path(str(weights)).expanduser()),
+        arch=_choice(arch, ARCHS, "arch"),
     )
+    if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
+        options["arch"] = "strided_cnn" if int(image_size) >= STRIDED_FROM else "small_cnn"
     _check_numbers(options)
     _check_data_argument(options["data"])
     if options["weights"] is not None and not Path(options["weights"]).is_file():

@@ -335,6 +335,18 @@ def test_augmentation_is_per_image_label_preserving_and_in_unit_range():
         augmenter({"rotate": 10})
 
 
+def test_cli_architectures_match_the_model_registry_and_auto_picks_by_size(tmp_path, monkeypatch):
+    import medrobust.train as train_module
+    from medrobust.models import ARCHITECTURES
+
+    assert set(train_module.ARCHS) == {"auto", *ARCHITECTURES}
+    seen = {}
+    monkeypatch.setattr(train_module, "_train", lambda o, out_dir: seen.update({o["image_size"]: o["arch"]}) or {})
+    for size in (28, train_module.STRIDED_FROM):
+        train_module.train(data="phantom", image_size=size, out=str(tmp_path / str(size)))
+    assert seen == {28: "small_cnn", train_module.STRIDED_FROM: "strided_cnn"}
+
+
 # -- lambda = 0 is standard training -------------------------------------------------------------
 def _weights_after_one_step(trainer_cls, clf, dataset, **kwargs):
     trainer = trainer_cls(clf, **kwargs)

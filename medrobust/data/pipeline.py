@@ -24,9 +24,10 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 # Mild, label-preserving changes for OCT B-scans: left/right eyes are mirror images, the retina sits a
 # little higher or lower and larger or smaller in the frame, and scanners differ in gain and contrast.
-# translate and zoom are fractions of the image side, brightness a shift in [0, 1] pixel units,
-# contrast a factor range 1 +- value.
-AUGMENTATION = {"flip": "horizontal", "translate": 0.05, "zoom": 0.1, "brightness": 0.1, "contrast": 0.2}
+# translate and zoom are fractions of the image side, rotate is in degrees, brightness a shift in
+# [0, 1] pixel units, contrast a factor range 1 +- value.
+AUGMENTATION = {"flip": "horizontal", "translate": 0.05, "zoom": 0.1, "rotate": 0.0, "brightness": 0.1,
+                "contrast": 0.2}
 
 
 def augmenter(spec: dict = AUGMENTATION, seed: int = 0):
@@ -45,6 +46,8 @@ def augmenter(spec: dict = AUGMENTATION, seed: int = 0):
         steps.append(layers.RandomTranslation(spec["translate"], spec["translate"], fill_mode="reflect", seed=seed + 1))
     if spec.get("zoom"):
         steps.append(layers.RandomZoom(spec["zoom"], spec["zoom"], fill_mode="reflect", seed=seed + 2))
+    if spec.get("rotate"):
+        steps.append(layers.RandomRotation(spec["rotate"] / 360.0, fill_mode="reflect", seed=seed + 5))
     if spec.get("brightness"):
         steps.append(layers.RandomBrightness(spec["brightness"], value_range=(0.0, 1.0), seed=seed + 3))
     if spec.get("contrast"):
