@@ -332,7 +332,7 @@ def test_augmentation_is_per_image_label_preserving_and_in_unit_range():
     copies = augmenter(AUGMENTATION, seed=0)(same, training=True).numpy()
     assert len({round(float(c.mean()), 5) for c in copies}) > 8  # each image draws its own transform
     with pytest.raises(ValueError, match="unknown augmentation"):
-        augmenter({"rotate": 10})
+        augmenter({"shear": 10})
 
 
 def test_cli_architectures_match_the_model_registry_and_auto_picks_by_size(tmp_path, monkeypatch):
