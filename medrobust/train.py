@@ -22,6 +22,7 @@ ATTACKS = ("fgsm", "pgd")
 STRATEGIES = ("none", "mirrored", "multiworker")
 LR_SCHEDULES = ("cosine", "constant")
 ARCHS = ("auto", "small_cnn", "strided_cnn", "mobilenet_v3_small", "resnet18")  # medrobust.models.ARCHITECTURES
+ARCH_MIN_SIZE = {"mobilenet_v3_small": 32}  # medrobust.models.mobilenet.MIN_SIZE (checked before TensorFlow loads)
 STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
 AUGMENT = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -82,6 +83,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     )
     if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
         options["arch"] = "strided_cnn" if int(image_size) >= STRIDED_FROM else "small_cnn"
+    if int(image_size) < ARCH_MIN_SIZE.get(options["arch"], 1):
+        raise cli.UsageError(f"--arch {options['arch']} needs --image-size >= {ARCH_MIN_SIZE[options['arch']]}, "
+                             f"got {image_size}")
     _check_numbers(options)
     _check_data_argument(options["data"])
     if options["weights"] is not None and not Path(options["weights"]).is_file():
