@@ -17,8 +17,12 @@ from medrobust.io import atomic_save_model, atomic_write_json, package_versions,
 METHODS = ("ssat", "standard", "pgd_at", "trades")
 ATTACKS = ("fgsm", "pgd")
 STRATEGIES = ("none", "mirrored", "multiworker")
-ARCHS = ("small_cnn", "resnet18")  # medrobust.models.ARCHITECTURES, checked here before TensorFlow loads
 LR_SCHEDULES = ("cosine", "constant")
+ARCHS = ("auto", "small_cnn", "strided_cnn", "mobilenet_v3_small", "resnet18")  # medrobust.models.ARCHITECTURES
+ARCH_MIN_SIZE = {"mobilenet_v3_small": 32}  # medrobust.models.mobilenet.MIN_SIZE (checked before TensorFlow loads)
+STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
+AUGMENT = ("auto", "true", "false")
+CLASS_WEIGHTS = ("balanced", "none")
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
 # What this command writes into --out (and all --overwrite may remove): files, and folders with the
@@ -32,13 +36,13 @@ RUN_FOLDER_FILES = {"detector": ("autoencoder.keras", "detector.json", "stats.np
 
 def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, epochs: int = 10,
           image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float = 3.0,
-          attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "small_cnn", width: int | None = None,
+          attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "auto", width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
           teacher: str | None = "snapshot", pretrain_epochs: float = 3.0, strategy: str = "none",
-          detector_epochs: int = 10, target_fpr: float = 0.05, overwrite="false", tensorboard="false",
-          progress="true") -> dict:
+          detector_epochs: int = 10, target_fpr: float = 0.05, augment: str = "auto", class_weight: str = "balanced",
+          weights: str | None = None, overwrite="false", tensorboard="false", progress="true") -> dict:
     """Train a classifier with the chosen method and, unless --detector false, the UAD detector.
 
     Args:
@@ -75,6 +79,13 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       strategy: none | mirrored | multiworker (tf.distribute).
       detector_epochs: training epochs of the detector's autoencoder.
       target_fpr: detector false-alarm rate on clean validation images.
+      arch: auto (small_cnn below 64 px, strided_cnn from 64 px: measured in README, "Training on real
+        scans") | small_cnn | strided_cnn | mobilenet_v3_small | resnet18 (see medrobust/models).
+      augment: auto (on for real scans, off for the synthetic phantom) | true | false: random flips,
+        shifts, zooms, brightness and contrast of training images (medrobust.data.pipeline.AUGMENTATION).
+      class_weight: balanced (each class weighs n / (4 n_c) in every method's labeled loss) | none.
+      weights: initial weights: a classifier .keras / .weights.h5 of the same architecture and size, or
+        for mobilenet_v3_small a keras.applications no-top backbone .h5 file.
       overwrite: true | false: train again into a folder that holds a run (only that run's own files are
         removed; other files stay).
       tensorboard: true | false: also write TensorBoard logs to OUT/tensorboard.
@@ -88,10 +99,19 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         lr_schedule=_choice(lr_schedule, LR_SCHEDULES, "lr-schedule"),
         detector=cli.parse_bool(detector, "detector"), overwrite=cli.parse_bool(overwrite, "overwrite"),
         tensorboard=cli.parse_bool(tensorboard, "tensorboard"), progress=cli.parse_bool(progress, "progress"),
-        data=str(data), out=str(out),
+        data=str(data), out=str(out), augment=_choice(augment, AUGMENT, "augment"),
+        class_weight=_choice(class_weight, CLASS_WEIGHTS, "class-weight"),
+        weights=None if weights is None else str(Path(str(weights)).expanduser()),
     )
+    if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
+        options["arch"] = "strided_cnn" if int(image_size) >= STRIDED_FROM else "small_cnn"
+    if int(image_size) < ARCH_MIN_SIZE.get(options["arch"], 1):
+        raise cli.UsageError(f"--arch {options['arch']} needs --image-size >= {ARCH_MIN_SIZE[options['arch']]}, "
+                             f"got {image_size}")
     _check_numbers(options)
     _check_data_argument(options["data"])
+    if options["weights"] is not None and not Path(options["weights"]).is_file():
+        raise cli.UsageError(f"--weights {weights}: no such file")
     out_dir = Path(options["out"])
     if _already_done(out_dir, options):
         print(f"{out_dir}: this run is already complete (metrics.json); pass --overwrite true to train again")
@@ -124,17 +144,20 @@ def _train(o: dict, out_dir: Path) -> dict:
     labeled, unlabeled = labeled_unlabeled_split(y_train, o["label_fraction"], o["seed"])
     semi = o["method"] == "ssat" and len(unlabeled) > 0
     print(f"labels: {len(labeled)} labeled, {len(unlabeled)} unlabeled (fraction {o['label_fraction']})")
+    recipe = training_recipe(o, data, y_train[labeled])
+    print(f"recipe: augmentation {recipe['augmentation'] or 'off'}; class weights {recipe['class_weights'] or 'none'}")
 
     # Everything that can fail before the first epoch comes before config.json (a run that never
     # finished an epoch does not pin its options anyway, see _already_done).
     steps = steps_per_epoch(len(x_train), o["batch_size"])
     train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
                              x_unlabeled=x_train[unlabeled] if semi else None,
-                             unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"])
+                             unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"],
+                             augment=recipe["augmentation"])
     strategy = make_strategy(o["strategy"])
     with strategy.scope():
-        classifier = build_classifier(o["arch"], o["image_size"], o["width"])
-        options = trainer_options(o, load_classifier, steps)
+        classifier = build_classifier(o["arch"], o["image_size"], o["width"], weights=o["weights"])
+        options = {**trainer_options(o, load_classifier, steps), "class_weights": recipe["class_weights"]}
         trainer = make_trainer(o["method"], classifier, **options)
         if o["method"] == "ssat":
             print(f"ssat: {options['pretrain_steps']} labeled-only steps, then lam {o['lam']} with pseudo-labels "
@@ -148,7 +171,8 @@ def _train(o: dict, out_dir: Path) -> dict:
     config = {**{k: v for k, v in o.items() if k not in NOT_PART_OF_RUN}, "data_source": data.source,
               "data_resolved": data.argument, "synthetic_data": data.synthetic, "n_labeled": int(len(labeled)),
               "n_unlabeled": int(len(unlabeled)), "split_sizes": {s: int(len(data[s][1])) for s in data.splits},
-              "versions": package_versions(), "command": cli.command_line()}
+              "split_patients": data.patient_counts(), **recipe, "versions": package_versions(),
+              "command": cli.command_line()}
     atomic_write_json(out_dir / "config.json", config)
 
     callbacks = [
@@ -167,12 +191,14 @@ def _train(o: dict, out_dir: Path) -> dict:
     metrics = {
         "clean_accuracy": accuracy(classifier, x_test, y_test),
         "val_accuracy": accuracy(classifier, *data["val"]),
+        **{f"{s}_sensitivity": class_sensitivity(classifier, *data[s], data.classes) for s in ("val", "test")},
         "method": o["method"], "label_fraction": o["label_fraction"], "epochs": o["epochs"],
         "steps_per_epoch": steps, "train_seconds_last_session": round(train_seconds, 2),
         "data_source": data.source, "synthetic_data": data.synthetic, "n_test": int(len(y_test)),
     }
     print(f"clean test accuracy: {metrics['clean_accuracy']:.4f} on {len(y_test)} images"
-          + (" (SYNTHETIC phantom)" if data.synthetic else ""))
+          + (" (SYNTHETIC phantom)" if data.synthetic else "") + "; sensitivity "
+          + ", ".join(f"{c} {v:.2f}" for c, v in metrics["test_sensitivity"].items() if v is not None))
     if o["detector"]:
         from medrobust.detection import train_detector
 
@@ -181,6 +207,28 @@ def _train(o: dict, out_dir: Path) -> dict:
     atomic_write_json(out_dir / "metrics.json", metrics)
     print(f"wrote {out_dir}")
     return metrics
+
+
+def class_sensitivity(classifier, x, y, classes) -> dict:
+    """{class: sensitivity (recall) on (x, y), None if the class is absent}."""
+    import numpy as np
+    from medrobust.evaluation.metrics import clinical_metrics
+
+    logits = np.asarray(classifier.predict(x, batch_size=256, verbose=0), np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    per_class = clinical_metrics(y, probs / probs.sum(axis=1, keepdims=True))["per_class"]
+    return {c: None if per_class[c]["sensitivity"] is None else round(per_class[c]["sensitivity"], 4)
+            for c in classes}
+
+
+def training_recipe(o: dict, data, y_labeled) -> dict:
+    """The resolved augmentation spec (None = off) and class weights (None = plain means), for config.json."""
+    from medrobust.data.pipeline import AUGMENTATION
+    from medrobust.training.base import balanced_class_weights
+
+    augment = not data.synthetic if o["augment"] == "auto" else o["augment"] == "true"
+    weights = balanced_class_weights(y_labeled, len(data.classes)) if o["class_weight"] == "balanced" else None
+    return {"augmentation": dict(AUGMENTATION) if augment else None, "class_weights": weights}
 
 
 def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:

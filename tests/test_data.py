@@ -230,3 +230,124 @@ def test_train_pipeline_batches_and_zips_unlabeled():
     assert sum(len(b[1]) for b in eval_dataset(x, y, 16)) == 50
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_dataset(x[:4], y[:4], 8)
+
+
+# -- patient-safe folders ----------------------------------------------------------------------------
+
+
+def _kermany_tree(root, splits: dict, images_per_patient: int = 3):
+    """root/<split>/<CLASS>/<CLASS>-<patient>-<n>.jpeg; splits: {split: {class: [patient ids]}}."""
+    from PIL import Image
+
+    for split, by_class in splits.items():
+        for cls, patients in by_class.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in patients:
+                for n in range(1, images_per_patient + 1):
+                    Image.new("L", (20, 16), 30 + 7 * n).save(folder / f"{cls}-{p}-{n}.jpeg")
+    return root
+
+
+def _classes_with(patients_per_class: int, start: int) -> dict:
+    from medrobust.classes import CLASSES
+
+    return {c: [str(start + 100 * k + i) for i in range(patients_per_class)] for k, c in enumerate(CLASSES)}
+
+
+def test_kermany_folder_without_val_carves_val_by_patient(tmp_path):
+    """Every image of a patient lands in the same split (main's image-level carve leaked patients)."""
+    root = _kermany_tree(tmp_path / "k", {"train": _classes_with(10, 1000), "test": _classes_with(2, 5000)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overlap warning, no unknown patient ids
+        data = load_data(str(root), image_size=16, seed=0)
+    assert len(data["train"][1]) + len(data["val"][1]) == 120 and len(data["test"][1]) == 24
+    train, val = set(data.patients["train"]), set(data.patients["val"])
+    assert not train & val, f"patients in train and val: {sorted(train & val)}"
+    assert len(val) == 4 and len(data["val"][1]) == 12  # a tenth of the 40 patients, with all their images
+    assert np.bincount(data["val"][1], minlength=4).tolist() == [3, 3, 3, 3]  # one patient per class
+    assert data.patient_counts() == {"train": 36, "val": 4, "test": 8}
+    assert "train 108 (36 patients), val 12 (4 patients), test 24 (8 patients)" in data.describe()
+    again = load_data(str(root), image_size=16, seed=0)
+    assert again.patients == data.patients
+    other = load_data(str(root), image_size=16, seed=1)
+    assert set(other.patients["val"]) != val
+
+
+def test_files_without_patient_ids_are_their_own_patients_with_a_warning(tmp_path):
+    from PIL import Image
+
+    root = _kermany_tree(tmp_path / "k", {"train": _classes_with(10, 1000), "test": _classes_with(1, 5000)})
+    for i in range(5):
+        Image.new("L", (20, 16), 99).save(root / "train" / "CNV" / f"scan{i}.png")
+    with pytest.warns(UserWarning, match="5 of 125 training files have no patient id"):
+        data = load_data(str(root), image_size=16)
+    assert len(data["train"][1]) + len(data["val"][1]) == 125
+
+
+def test_given_splits_that_share_patients_are_warned_naming_the_ids(tmp_path):
+    train = _classes_with(4, 1000)
+    test = _classes_with(1, 5000)
+    test["CNV"] += ["1000", "1001"]  # two training patients again in test
+    val = {"NORMAL": ["1301", "7000"]}  # one training patient in val
+    root = _kermany_tree(tmp_path / "k", {"train": train, "test": test, "val": val}, images_per_patient=1)
+    with pytest.warns(UserWarning) as record:
+        load_data(str(root), image_size=16)
+    messages = [str(w.message) for w in record]
+    assert any("2 patient(s) appear in both train/ and test/ (ids 1000, 1001)" in m for m in messages), messages
+    assert any("1 patient(s) appear in both train/ and val/ (ids 1301)" in m for m in messages), messages
+    assert not any("val/ and test/" in m for m in messages)
+
+
+def test_a_long_list_of_shared_patients_is_truncated_with_a_count(tmp_path):
+    train = _classes_with(5, 1000)
+    root = _kermany_tree(tmp_path / "k", {"train": train, "test": train}, images_per_patient=1)
+    with pytest.warns(UserWarning, match=r"20 patient\(s\) appear in both train/ and test/ \(ids 1000, 1001, "
+                                         r"1002, 1003, 1004, 1100, 1101, 1102, 1103, 1104 and 10 more\)"):
+        load_data(str(root), image_size=16)
+
+
+def test_sources_without_patients_say_nothing_about_them(tmp_path):
+    path = _fake_octmnist(tmp_path / "o.npz")
+    data = load_data(str(path))
+    assert data.patients == {} and data.patient_counts() == {} and "patients)" not in data.describe()
+
+
+# -- the shared real data sets ----------------------------------------------------------------------
+
+
+def _shared(name):
+    import os
+    from pathlib import Path
+
+    path = Path(os.environ.get("MEDROBUST_DATA", "")) / name
+    if not os.environ.get("MEDROBUST_DATA") or not path.exists():
+        pytest.skip(f"{name} not found (set MEDROBUST_DATA to the folder holding it)")
+    return path
+
+
+@pytest.mark.realdata
+def test_shared_kermany_counts_and_patients(report):
+    import time
+
+    root = _shared("kermany")
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patient-disjoint, nothing skipped
+        data = load_data(str(root), image_size=28)
+    seconds = time.perf_counter() - started
+    counts = {s: np.bincount(data[s][1], minlength=4).tolist() for s in ("train", "val", "test")}
+    assert counts == {"train": [395, 110, 76, 462], "val": [67, 16, 17, 89], "test": [154, 30, 25, 187]}
+    assert data.patient_counts() == {"train": 675, "val": 126, "test": 227}
+    assert data.skipped == [] and not data.synthetic
+    assert data["train"][0].shape == (1043, 28, 28, 1)
+    report(f"loaded 1,628 native Kermany JPEGs at 28 px in {seconds:.1f} s")
+
+
+@pytest.mark.realdata
+def test_shared_octmnist_subset_counts():
+    data = load_data(str(_shared("octmnist_subset/octmnist_subset.npz")), image_size=28)
+    counts = {s: np.bincount(data[s][1], minlength=4).tolist() for s in ("train", "val", "test")}
+    assert counts == {"train": [491, 148, 105, 643], "val": [278, 74, 61, 360], "test": [14, 27, 30, 23]}
+    x = data["test"][0]
+    assert x.shape == (94, 28, 28, 1) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1

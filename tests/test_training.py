@@ -227,6 +227,132 @@ def test_ssat_confidence_mask_and_masked_mean():
                                rtol=1e-6)
 
 
+# -- class balance -------------------------------------------------------------------------------
+def test_balanced_class_weights():
+    from medrobust.training.base import balanced_class_weights
+
+    y = np.array([0, 0, 0, 1, 1, 3])
+    weights = balanced_class_weights(y, 4)
+    assert weights == [0.5, 0.75, 0.0, 1.5]  # n / (4 n_c); an absent class weighs 0
+    full = np.array([0, 0, 0, 1, 1, 2, 3, 3])
+    assert np.mean(np.array(balanced_class_weights(full, 4))[full]) == pytest.approx(1.0)  # loss scale kept
+    for bad in (np.array([], int), np.array([0, 4])):
+        with pytest.raises(ValueError, match="labels in"):
+            balanced_class_weights(bad, 4)
+    with pytest.raises(ValueError, match="class_weights"):
+        Trainer(_classifier(), class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="class_weights"):
+        Trainer(_classifier(), class_weights=[0.0, 0.0, 0.0, 0.0])
+
+
+CLASS_WEIGHTS = [1.0, 2.0, 0.5, 3.0]
+
+
+def _weighted(per_example, y, weights=CLASS_WEIGHTS):
+    w = np.asarray(weights)[y]
+    return float(np.sum(w * np.asarray(per_example)) / np.sum(w))
+
+
+def _ce(clf, x, y):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(y, clf(x, training=True)).numpy()
+
+
+@pytest.mark.parametrize("method, options", [
+    ("standard", {}), ("pgd_at", dict(eps=0.01, steps=2)), ("trades", dict(eps=0.01, steps=2)),
+    ("ssat", dict(eps_range=(0.01, 0.01)))])
+def test_class_weights_make_every_labeled_term_a_weighted_mean(method, options):
+    x, y = _data()
+    assert len(set(y.tolist())) > 1
+    clf = _classifier()
+    trainer = make_trainer(method, clf, class_weights=CLASS_WEIGHTS, **options)
+    xt, yt = tf.constant(x), tf.constant(y)
+    prepared = trainer.prepare(xt, yt, None)
+    parts, _ = trainer.objective(xt, yt, prepared)
+    if method == "standard":
+        np.testing.assert_allclose(float(parts["loss"]), _weighted(_ce(clf, x, y), y), rtol=1e-5)
+    elif method == "pgd_at":
+        np.testing.assert_allclose(float(parts["loss"]), _weighted(_ce(clf, prepared["x_adv"], y), y), rtol=1e-5)
+    elif method == "trades":
+        kl = kl_divergence(clf(xt, training=True), clf(prepared["x_adv"], training=True)).numpy()
+        np.testing.assert_allclose(float(parts["natural_ce"]), _weighted(_ce(clf, x, y), y), rtol=1e-5)
+        np.testing.assert_allclose(float(parts["robust_kl"]), _weighted(kl, y), rtol=1e-4, atol=1e-7)
+    else:  # no unlabeled pool: the labeled batch's adversaries carry their class weights too
+        np.testing.assert_allclose(float(parts["labeled_ce"]), _weighted(_ce(clf, x, y), y), rtol=1e-5)
+        np.testing.assert_allclose(float(parts["adv_ce"]), _weighted(_ce(clf, prepared["x_adv"], y), y), rtol=1e-5)
+        assert float(parts["pseudo_kept"]) == 1.0
+
+
+def test_pseudo_labeled_adversaries_are_not_class_weighted():
+    x, y = _data()
+    x_u, _ = _data(seed=1)
+    clf = _classifier()
+    trainer = SSATTrainer(clf, eps_range=(0.002, 0.002), class_weights=CLASS_WEIGHTS)
+    prepared = trainer.prepare(tf.constant(x), tf.constant(y), tf.constant(x_u))
+    parts, _ = trainer.objective(tf.constant(x), tf.constant(y), prepared)
+    adv = tf.nn.sparse_softmax_cross_entropy_with_logits(prepared["pseudo"], clf(prepared["x_adv"], training=True))
+    np.testing.assert_allclose(float(parts["adv_ce"]), float(tf.reduce_mean(adv)), rtol=1e-5)
+
+
+def test_equal_class_weights_train_exactly_like_no_weights():
+    x, y = _data()
+    start = _classifier()
+    dataset = tf.data.Dataset.from_tensors((x, y))
+    plain, _ = _weights_after_one_step(Trainer, _copy(start), dataset)
+    equal, _ = _weights_after_one_step(Trainer, _copy(start), dataset, class_weights=[2.0] * 4)
+    for a, b in zip(plain, equal):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_training_recipe_resolves_augmentation_and_class_weights():
+    from types import SimpleNamespace
+
+    from medrobust.data.pipeline import AUGMENTATION
+    from medrobust.train import training_recipe
+
+    real, phantom = SimpleNamespace(synthetic=False, classes="ABCD"), SimpleNamespace(synthetic=True, classes="ABCD")
+    y = np.array([0, 0, 0, 1, 1, 3])
+    recipe = training_recipe({"augment": "auto", "class_weight": "balanced"}, real, y)
+    assert recipe == {"augmentation": AUGMENTATION, "class_weights": [0.5, 0.75, 0.0, 1.5]}
+    assert training_recipe({"augment": "auto", "class_weight": "none"}, phantom, y) == {
+        "augmentation": None, "class_weights": None}
+    assert training_recipe({"augment": "true", "class_weight": "none"}, phantom, y)["augmentation"] == AUGMENTATION
+    assert training_recipe({"augment": "false", "class_weight": "none"}, real, y)["augmentation"] is None
+
+
+def test_augmentation_is_per_image_label_preserving_and_in_unit_range():
+    from medrobust.data.pipeline import AUGMENTATION, augmenter, train_dataset
+
+    x, y = _data(64)
+    (xa, xu), ya = next(iter(train_dataset(x, y, 64, seed=0, x_unlabeled=x, augment=AUGMENTATION)))
+    xa, xu = xa.numpy(), xu.numpy()
+    assert xa.shape == x.shape and 0.0 <= xa.min() and xa.max() <= 1.0 and xu.min() >= 0.0 and xu.max() <= 1.0
+    assert sorted(ya.numpy().tolist()) == sorted(y.tolist())
+    assert not any(np.allclose(a, b) for a in xa[:8] for b in x)  # every image changed
+    same = np.repeat(x[:1], 16, axis=0)
+    copies = augmenter(AUGMENTATION, seed=0)(same, training=True).numpy()
+    assert len({round(float(c.mean()), 5) for c in copies}) > 8  # each image draws its own transform
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augmenter({"shear": 10})
+
+
+def test_cli_architectures_match_the_model_registry_and_auto_picks_by_size(tmp_path, monkeypatch):
+    import medrobust.train as train_module
+    from medrobust.models import ARCHITECTURES
+
+    from medrobust.models.mobilenet import MIN_SIZE
+
+    assert set(train_module.ARCHS) == {"auto", *ARCHITECTURES}
+    assert train_module.ARCH_MIN_SIZE == {"mobilenet_v3_small": MIN_SIZE}
+    seen = {}
+    monkeypatch.setattr(train_module, "_train", lambda o, out_dir: seen.update({o["image_size"]: o["arch"]}) or {})
+    for size in (28, train_module.STRIDED_FROM):
+        train_module.train(data="phantom", image_size=size, out=str(tmp_path / str(size)))
+    assert seen == {28: "small_cnn", train_module.STRIDED_FROM: "strided_cnn"}
+    with pytest.raises(ValueError, match="needs --image-size >= 32"):  # refused before any work
+        train_module.train(data="phantom", arch="mobilenet_v3_small", image_size=28, out=str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+
+
 # -- lambda = 0 is standard training -------------------------------------------------------------
 def _weights_after_one_step(trainer_cls, clf, dataset, **kwargs):
     trainer = trainer_cls(clf, **kwargs)

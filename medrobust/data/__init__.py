@@ -20,7 +20,11 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class OCTData:
-    """Train/val/test arrays (x float32 [n,s,s,1] in [0,1], y int64 [n]) and where they came from."""
+    """Train/val/test arrays (x float32 [n,s,s,1] in [0,1], y int64 [n]) and where they came from.
+
+    patients: per split, the patient id of each image (None where unknown), when the source names
+    patients (Kermany file names <CLASS>-<patient>-<n>); empty for OCTMNIST and the phantom.
+    """
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     source: str
@@ -31,12 +35,19 @@ class OCTData:
     # The `data` argument of load_data that gives these data again from any folder: 'phantom',
     # 'octmnist' (the MD5-checked release) or an absolute path.
     argument: str = ""
+    patients: dict[str, list[str | None]] = field(default_factory=dict)
 
     def __getitem__(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return self.splits[split]
 
+    def patient_counts(self) -> dict[str, int]:
+        """Distinct known patient ids per split ({} when the source names no patients)."""
+        return {s: len({p for p in ids if p is not None}) for s, ids in self.patients.items()}
+
     def describe(self) -> str:
-        counts = ", ".join(f"{s} {len(self.splits[s][1])}" for s in SPLIT_NAMES if s in self.splits)
+        patients = self.patient_counts()
+        counts = ", ".join(f"{s} {len(self.splits[s][1])}" + (f" ({patients[s]} patients)" if s in patients else "")
+                           for s in SPLIT_NAMES if s in self.splits)
         kind = "SYNTHETIC phantom" if self.synthetic else "real scans"
         return f"{self.source} ({kind}, {self.image_size}x{self.image_size}; {counts})"
 
@@ -157,28 +168,87 @@ def _from_folder(path: Path, image_size: int, seed: int) -> OCTData:
     if folders.is_kermany_root(path):
         loaded = folders.load_kermany_splits(path, image_size, progress=True)
         splits = {name: (part.x, part.y) for name, part in loaded.items()}
+        patients = {name: part.patients for name, part in loaded.items()}
         skipped = [s for part in loaded.values() for s in part.skipped]
+        warn_shared_patients(patients, path)
         if "val" not in splits:
-            splits["train"], splits["val"] = _carve_val(*splits["train"], seed)
+            train = loaded["train"]
+            is_val = patient_val_mask(train.files, train.y, seed)
+            ids = np.array(train.patients, dtype=object)
+            splits["train"] = (train.x[~is_val], train.y[~is_val])
+            splits["val"] = (train.x[is_val], train.y[is_val])
+            patients["train"], patients["val"] = list(ids[~is_val]), list(ids[is_val])
     else:
         part = folders.load_image_tree(path, image_size, progress=True)
-        splits, skipped = _split_by_patient(part, seed), part.skipped
+        which = patient_split(part.files, seed)
+        splits = {s: (part.x[which == s], part.y[which == s]) for s in SPLIT_NAMES}
+        patients = {s: [p for p, w in zip(part.patients, which) if w == s] for s in SPLIT_NAMES}
+        skipped = part.skipped
     for file, reason in skipped:
         warnings.warn(f"skipped {file}: {reason}", stacklevel=3)
     return OCTData(splits, source=f"folder:{path}", synthetic=False, image_size=image_size, skipped=skipped,
-                   argument=str(path.expanduser().resolve()))
+                   argument=str(path.expanduser().resolve()), patients=patients)
 
 
 def _carve_val(x: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.1):
+    """A stratified image-level split, for sources without patient ids (OCTMNIST .npz files)."""
     from sklearn.model_selection import train_test_split
 
     x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
     return (x_tr, y_tr), (x_va, y_va)
 
 
-def _split_by_patient(part, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    which = patient_split(part.files, seed)
-    return {s: (part.x[which == s], part.y[which == s]) for s in SPLIT_NAMES}
+def patient_val_mask(files: list[str], y: np.ndarray, seed: int, fraction: float = 0.1) -> np.ndarray:
+    """bool [n]: which images form a validation split of about `fraction`, whole patients at a time.
+
+    Stratified by class as far as patients allow (sklearn StratifiedGroupKFold with round(1 / fraction)
+    folds; its first fold is val; a folder too small to stratify gets GroupShuffleSplit). Files without a
+    Kermany patient id count as their own patient, and a warning says how many there are. Deterministic
+    for a given seed. Raises ValueError if there are fewer than 2 patients.
+    """
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    from medrobust.data.folders import patient_id
+
+    ids = [patient_id(f) for f in files]
+    unknown = sum(p is None for p in ids)
+    if unknown:
+        warnings.warn(f"{unknown} of {len(files)} training files have no patient id in their name "
+                      "(<CLASS>-<patient>-<n>); each is treated as its own patient when carving val", stacklevel=3)
+    groups = np.array([p if p is not None else f"file:{f}" for p, f in zip(ids, files)])
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise ValueError(f"{len(files)} training images of {n_groups} patient: too few to carve a validation "
+                         "split by patient; add a val/ folder")
+    n_splits = min(max(2, round(1 / fraction)), n_groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sklearn: "the least populated class has only k members"
+        try:
+            folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            _, val_index = next(folds.split(np.zeros(len(y)), y, groups))
+        except ValueError:  # every class has fewer images than there are folds
+            shuffle = GroupShuffleSplit(n_splits=1, test_size=1 / n_splits, random_state=seed)
+            _, val_index = next(shuffle.split(np.zeros(len(y)), y, groups))
+    mask = np.zeros(len(y), bool)
+    mask[val_index] = True
+    return mask
+
+
+def shared_patients(patients: dict[str, list[str | None]]) -> dict[tuple[str, str], list[str]]:
+    """{(split_a, split_b): sorted patient ids found in both} for every pair of splits that share any."""
+    known = {s: {p for p in ids if p is not None} for s, ids in patients.items()}
+    names = [s for s in SPLIT_NAMES if s in known]
+    pairs = {(a, b): sorted(known[a] & known[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    return {pair: ids for pair, ids in pairs.items() if ids}
+
+
+def warn_shared_patients(patients: dict[str, list[str | None]], source, shown: int = 10) -> None:
+    """Warn, naming the ids (the first `shown`, then a count), for each pair of splits sharing patients:
+    images of one patient in train and test make test accuracy optimistic."""
+    for (a, b), ids in shared_patients(patients).items():
+        listed = ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+        warnings.warn(f"{source}: {len(ids)} patient(s) appear in both {a}/ and {b}/ (ids {listed}); "
+                      f"{b} figures will be optimistic. Split by patient id to avoid this.", stacklevel=3)
 
 
 def patient_split(files: list[str], seed: int, fractions=(0.7, 0.15)) -> np.ndarray:

@@ -6,16 +6,34 @@ A Trainer wraps a classifier (image -> logits) and overrides `train_step`:
   2. `objective(x, y, prepared)` runs inside the tape in training mode and returns the loss parts.
 Losses are per-replica means scaled by 1/num_replicas, because Keras sums gradients across
 replicas; the Mean trackers record the unscaled values, so logs read the same on any strategy.
+
+Class balance: with `class_weights` (one weight per class, e.g. `balanced_class_weights`), every
+labeled per-example term becomes a weighted mean over the GLOBAL batch, sum(w_i * l_i) / sum(w_i),
+the sum of weights all-reduced across replicas (as torch's CrossEntropyLoss(weight=...) does on one
+device). The weight of an example is that of its true class; pseudo-labeled images stay unweighted.
 """
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
 def mean_over_batch(per_example: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(per_example)
+
+
+def balanced_class_weights(y, num_classes: int) -> list[float]:
+    """n / (num_classes * n_c) per class c (sklearn's "balanced" heuristic, King & Zeng 2001): every class
+    contributes equally to the loss, and (all classes present) the weights average 1 over the training
+    examples. A class absent from y gets weight 0. Raises ValueError if y is empty or holds labels outside [0, num_classes)."""
+    y = np.asarray(y).reshape(-1)
+    if y.size == 0 or y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"need labels in [0, {num_classes}), got {y.size} labels")
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    weights = np.divide(len(y), num_classes * counts, out=np.zeros_like(counts), where=counts > 0)
+    return [round(float(w), 6) for w in weights]
 
 
 def ce(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
@@ -29,9 +47,16 @@ class Trainer(keras.Model):
     method = "standard"
     loss_parts: tuple[str, ...] = ("loss",)
 
-    def __init__(self, classifier: keras.Model, **kwargs):
+    def __init__(self, classifier: keras.Model, class_weights=None, **kwargs):
+        """class_weights: None (plain means) or one non-negative weight per class (see the module doc)."""
         super().__init__(name=f"{self.method}_trainer", **kwargs)
         self.classifier = classifier
+        if class_weights is not None:
+            class_weights = [float(w) for w in class_weights]
+            if len(class_weights) != classifier.output_shape[-1] or min(class_weights) < 0 or max(class_weights) <= 0:
+                raise ValueError(f"class_weights needs {classifier.output_shape[-1]} non-negative values, "
+                                 f"not all 0; got {class_weights}")
+        self.class_weights = class_weights
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_parts}
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
@@ -44,6 +69,25 @@ class Trainer(keras.Model):
     def metrics(self):
         return [*self.trackers.values(), self.accuracy]
 
+    def example_weights(self, y) -> tf.Tensor:
+        """float32 [batch]: the class weight of each true label (ones without class_weights)."""
+        if self.class_weights is None:
+            return tf.ones(tf.shape(y), tf.float32)
+        return tf.gather(tf.constant(self.class_weights, tf.float32), tf.cast(y, tf.int32))
+
+    def labeled_mean(self, per_example: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """The mean of a per-example term of the labeled batch: plain, or class-weighted over the global
+        batch (this replica's weighted sum times the replica count, which train_step divides out)."""
+        if self.class_weights is None:
+            return mean_over_batch(per_example)
+        w = self.example_weights(y)
+        total = tf.reduce_sum(w)
+        context = tf.distribute.get_replica_context()
+        if context is not None:  # None only when called by hand in a cross-replica context
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
+        replicas = tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32)
+        return tf.math.divide_no_nan(tf.reduce_sum(w * per_example) * replicas, total)
+
     # -- the two hooks subclasses override -------------------------------------------------------
     def prepare(self, x, y, x_u) -> dict:
         return {}
@@ -51,7 +95,7 @@ class Trainer(keras.Model):
     def objective(self, x, y, prepared: dict) -> tuple[dict, tf.Tensor]:
         """Loss parts (each a batch mean, 'loss' is the total) and the clean logits of x."""
         logits = self.classifier(x, training=True)
-        return {"loss": mean_over_batch(ce(logits, y))}, logits
+        return {"loss": self.labeled_mean(ce(logits, y), y)}, logits
 
     # -- Keras plumbing --------------------------------------------------------------------------
     def train_step(self, data):

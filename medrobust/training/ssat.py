@@ -10,7 +10,8 @@ against its true labels y instead of pseudo-labels):
      gradient tape. For FGSM the one forward pass of x_u gives both the pseudo-labels and the input
      gradient. Every x_adv lies in its eps-ball and in [0, 1];
   3. loss = CE(f(x), y) + lam * masked-mean CE(f(x_adv), y_u), updated in training mode (lam = 0
-     during the first `pretrain_steps` steps).
+     during the first `pretrain_steps` steps). With class weights (base.Trainer) the labeled CE, and
+     the adversarial term when it attacks the labeled batch, are class-weighted means.
 
 Distribution: the masked mean is taken over the global batch (the kept count is all-reduced across
 replicas), so a replica holding few confident pseudo-labels does not get a larger weight. Random eps
@@ -23,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from medrobust.attacks import project
-from medrobust.training.base import Trainer, ce, mean_over_batch
+from medrobust.training.base import Trainer, ce
 from medrobust.training.supervised import per_image, pgd_linf
 
 ATTACKS = ("fgsm", "pgd")
@@ -122,12 +123,16 @@ class SSATTrainer(Trainer):
         # No unlabeled pool (label fraction 1.0): the labeled batch is attacked against its true labels,
         # so SSAT becomes FGSM/PGD adversarial training rather than a pull toward a teacher's mistakes.
         x_adv, pseudo, kept = self.craft(x, labels=y) if x_u is None else self.craft(x_u)
-        mask = tf.cast(kept, tf.float32)
-        n_kept, n_total = tf.reduce_sum(mask), tf.cast(tf.size(mask), tf.float32)
+        kept = tf.cast(kept, tf.float32)
+        # Adversaries of the labeled batch carry their true class's weight; pseudo-labeled ones weigh 1.
+        mask = kept * self.example_weights(y) if x_u is None else kept
+        sums = [tf.reduce_sum(kept), tf.cast(tf.size(kept), tf.float32), tf.reduce_sum(mask)]
         context = tf.distribute.get_replica_context()
         if context is not None:  # None only when called by hand in a cross-replica context
-            n_kept, n_total = context.all_reduce(tf.distribute.ReduceOp.SUM, [n_kept, n_total])
-        return {"x_adv": x_adv, "pseudo": pseudo, "mask": mask, "n_kept": n_kept, "n_total": n_total}
+            sums = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+        n_kept, n_total, mask_total = sums
+        return {"x_adv": x_adv, "pseudo": pseudo, "mask": mask, "n_kept": n_kept, "n_total": n_total,
+                "mask_total": mask_total}
 
     def _take_snapshot_once(self):
         """Copy the classifier into the teacher at the first step after pre-training (in the graph, so
@@ -155,12 +160,12 @@ class SSATTrainer(Trainer):
         else:
             logits = self.classifier(x, training=True)
             adv_logits = self.classifier(prepared["x_adv"], training=True)
-        labeled = mean_over_batch(ce(logits, y))
-        # Masked mean over the global batch: this replica's sum over its kept examples, times the
-        # replica count (base.py divides 'loss' by it), over the kept count of all replicas.
+        labeled = self.labeled_mean(ce(logits, y), y)
+        # Masked (weighted) mean over the global batch: this replica's sum over its kept examples, times
+        # the replica count (base.py divides 'loss' by it), over the kept weight of all replicas.
         replicas = tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, tf.float32)
         adv_sum = tf.reduce_sum(prepared["mask"] * ce(adv_logits, prepared["pseudo"]))
-        adv = adv_sum * replicas / tf.maximum(prepared["n_kept"], 1.0)
+        adv = tf.math.divide_no_nan(adv_sum * replicas, prepared["mask_total"])
         parts = {"loss": labeled + self.current_lam() * adv, "labeled_ce": labeled, "adv_ce": adv,
                  "pseudo_kept": prepared["n_kept"] / tf.maximum(prepared["n_total"], 1.0)}
         return parts, logits

@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from medrobust.attacks import project
-from medrobust.training.base import Trainer, ce, mean_over_batch
+from medrobust.training.base import Trainer, ce
 
 # (logits, target) -> per-example objective to maximise.
 Objective = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -96,7 +96,7 @@ class PGDATTrainer(Trainer):
 
     def objective(self, x, y, prepared):
         adv_logits = self.classifier(prepared["x_adv"], training=True)
-        return {"loss": mean_over_batch(ce(adv_logits, y))}, prepared["clean_logits"]
+        return {"loss": self.labeled_mean(ce(adv_logits, y), y)}, prepared["clean_logits"]
 
 
 class TRADESTrainer(Trainer):
@@ -131,6 +131,6 @@ class TRADESTrainer(Trainer):
     def objective(self, x, y, prepared):
         logits = self.classifier(x, training=True)
         adv_logits = self.classifier(prepared["x_adv"], training=True)
-        natural = mean_over_batch(ce(logits, y))
-        robust = mean_over_batch(kl_divergence(logits, adv_logits))
+        natural = self.labeled_mean(ce(logits, y), y)
+        robust = self.labeled_mean(kl_divergence(logits, adv_logits), y)
         return {"loss": natural + self.beta * robust, "natural_ce": natural, "robust_kl": robust}, logits
