@@ -7,6 +7,7 @@ epoch (Keras BackupAndRestore); rerunning a finished run does nothing unless --o
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ RUN_FOLDER_FILES = {"detector": ("autoencoder.keras", "detector.json", "stats.np
                                "training_metadata.json.bkp")}
 
 
-def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, epochs: int = 10,
+def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, epochs: str = "auto",
           image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float = 3.0,
           attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "auto", width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
@@ -52,7 +53,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       method: ssat | standard | pgd_at | trades.
       label_fraction: share of training labels used (stratified), in (0, 1]; SSAT uses the rest as
         unlabeled data.
-      epochs: training epochs; one epoch = ceil(n_train / batch_size) steps for every method.
+      epochs: training epochs; one epoch = ceil(n_train / batch_size) steps for every method. auto: at
+        least 10 epochs and at least 1,000 optimizer steps (60 epochs on kermany/train at batch 64: with
+        augmentation, 15 epochs underfit; README, "Training on real scans"); 16 on the phantom.
       image_size: side of the square grayscale input in pixels (OCTMNIST: 28, 64, 128 or 224).
       out: run folder to write (classifier.keras, detector/, config.json, metrics.json, training_log.csv).
       eps: SSAT's per-sample FGSM/PGD budget range "min,max" in [0, 1] pixel scale (a single value = fixed).
@@ -108,6 +111,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     if int(image_size) < ARCH_MIN_SIZE.get(options["arch"], 1):
         raise cli.UsageError(f"--arch {options['arch']} needs --image-size >= {ARCH_MIN_SIZE[options['arch']]}, "
                              f"got {image_size}")
+    if str(epochs).strip().lower() == "auto":
+        options["epochs"] = "auto"
+    else:
+        options["epochs"] = cli.parse_int(epochs, "epochs")
     _check_numbers(options)
     _check_data_argument(options["data"])
     if options["weights"] is not None and not Path(options["weights"]).is_file():
@@ -150,6 +157,10 @@ def _train(o: dict, out_dir: Path) -> dict:
     # Everything that can fail before the first epoch comes before config.json (a run that never
     # finished an epoch does not pin its options anyway, see _already_done).
     steps = steps_per_epoch(len(x_train), o["batch_size"])
+    config_epochs = o["epochs"]  # as given ("auto" or a number): what a rerun must match
+    o = {**o, "epochs": resolve_epochs(o["epochs"], steps)}
+    if config_epochs == "auto":
+        print(f"epochs: auto -> {o['epochs']} ({steps} steps per epoch)")
     train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
                              x_unlabeled=x_train[unlabeled] if semi else None,
                              unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"],
@@ -168,7 +179,8 @@ def _train(o: dict, out_dir: Path) -> dict:
         trainer.optimizer.build(classifier.trainable_variables)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {**{k: v for k, v in o.items() if k not in NOT_PART_OF_RUN}, "data_source": data.source,
+    config = {**{k: v for k, v in o.items() if k not in NOT_PART_OF_RUN}, "epochs": config_epochs,
+              "epochs_resolved": o["epochs"], "data_source": data.source,
               "data_resolved": data.argument, "synthetic_data": data.synthetic, "n_labeled": int(len(labeled)),
               "n_unlabeled": int(len(unlabeled)), "split_sizes": {s: int(len(data[s][1])) for s in data.splits},
               "split_patients": data.patient_counts(), **recipe, "versions": package_versions(),
@@ -250,6 +262,16 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
     if o["method"] == "trades":
         return dict(eps=o["train_eps"], steps=o["pgd_steps"], beta=o["beta"])
     return {}
+
+
+MIN_AUTO_EPOCHS, MIN_AUTO_STEPS = 10, 1000
+
+
+def resolve_epochs(epochs, steps_per_epoch: int) -> int:
+    """--epochs as a number: itself, or for "auto" at least MIN_AUTO_EPOCHS epochs and MIN_AUTO_STEPS steps."""
+    if epochs != "auto":
+        return int(epochs)
+    return max(MIN_AUTO_EPOCHS, math.ceil(MIN_AUTO_STEPS / steps_per_epoch))
 
 
 def learning_rate(o: dict, steps_per_epoch: int):
@@ -379,7 +401,7 @@ def _check_numbers(o: dict) -> None:
     if any(not 0 <= e <= 1 for e in o["eps"]) or len(o["eps"]) > 2:
         raise cli.UsageError(f"--eps takes one or two values in [0, 1] (min,max), got {o['eps']}")
     for name in ("epochs", "image_size", "batch_size", "pgd_steps", "detector_epochs"):
-        if int(o[name]) < 1:
+        if o[name] != "auto" and int(o[name]) < 1:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
     if not o["lr"] > 0:
         raise cli.UsageError(f"--lr must be > 0, got {o['lr']}")

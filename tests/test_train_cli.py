@@ -81,6 +81,8 @@ def test_rerun_with_other_options_is_refused_in_one_line(standard_run):
     (["--detector", "maybe"], "--detector must be true or false"),
     (["--lr-schedule", "step"], "--lr-schedule must be one of"),
     (["--eps", "1/0"], "--eps"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--epochs", "automatic"], "--epochs must be an integer"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, words):
     result = run_cli(*args, "--out", str(tmp_path / "r"))
@@ -93,6 +95,31 @@ def test_budgets_may_be_written_as_fractions_of_255():
     from medrobust import cli
 
     assert cli.parse_floats("0.001,2/255", "eps") == (0.001, 2 / 255)
+
+
+def test_auto_epochs_give_at_least_ten_epochs_and_a_thousand_steps():
+    from medrobust.data.pipeline import steps_per_epoch
+    from medrobust.train import resolve_epochs
+
+    assert resolve_epochs("auto", steps_per_epoch(1043, 64)) == 59  # kermany/train: 17 steps an epoch
+    assert resolve_epochs("auto", steps_per_epoch(4000, 64)) == 16  # the phantom: 63 steps
+    assert resolve_epochs("auto", steps_per_epoch(97477, 64)) == 10  # full OCTMNIST: 1524 steps
+    assert resolve_epochs(4, 17) == 4
+
+
+def test_config_keeps_the_epochs_as_given_and_the_resolved_number(standard_run, tmp_path):
+    out, _, _ = standard_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 4 and config["epochs_resolved"] == 4
+    auto = tmp_path / "auto"
+    args = ["--data", "phantom", "--method", "standard", "--label-fraction", "0.1", "--width", "8",
+            "--detector", "false", "--batch-size", "40", "--out", str(auto)]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((auto / "config.json").read_text())
+    assert config["epochs"] == "auto" and config["epochs_resolved"] == 10  # 100 steps an epoch
+    assert "epochs: auto -> 10 (100 steps per epoch)" in result.stdout
+    assert "already complete" in run_cli(*args).stdout  # "auto" pins the rerun like any value
 
 
 def test_cosine_schedule_decays_to_zero_over_the_whole_run():
