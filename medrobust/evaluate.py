@@ -1,7 +1,8 @@
 """python -m medrobust.evaluate: how safe is a trained system? Robust accuracy, detection, system risk.
 
 Writes report.json, report.md and PNG plots to --out (default RUN/eval). Every finished (attack, eps) is
-saved to OUT/progress/ as it finishes: Ctrl-C stops within seconds, and rerunning the same command resumes.
+saved to OUT/progress/ as it finishes (and report.md rewritten, marked INCOMPLETE until the end; report.json
+appears once the evaluation is complete): Ctrl-C stops within seconds, and rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -160,10 +161,13 @@ def _evaluate(run_dir, config, data, split, names, budgets, eps_l2, adaptive, li
         state.set_seconds("clean", round(time.time() - started, 1))
 
     def write_report():
+        """report.md after every (attack, eps), marked INCOMPLETE until the end; report.json (what other
+        tools read) only once complete: the partial results are in progress/state.json."""
         report["min_norm_crosscheck"] = _crosscheck(report)
         report["seconds"] = round(sum(state.state["seconds"].values())
                                   + sum(e.get("seconds", 0) for a in report["attacks"].values() for e in a.values()), 1)
-        atomic_write_json(out_dir / "report.json", report)
+        if report["complete"]:
+            atomic_write_json(out_dir / "report.json", report)
         atomic_write_text(out_dir / "report.md", markdown(report))
 
     for name in names:
@@ -229,7 +233,9 @@ def _crosscheck(report: dict) -> dict:
 
 
 def _command() -> str:
-    return "python -m medrobust.evaluate " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else ""
+    if sys.argv and sys.argv[0].endswith(("evaluate.py", "medrobust-evaluate")):
+        return "python -m medrobust.evaluate " + " ".join(sys.argv[1:])
+    return "medrobust.evaluate.evaluate() called from Python"
 
 
 def main() -> None:

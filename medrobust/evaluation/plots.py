@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from medrobust.io import atomic_write_bytes  # noqa: E402
 
@@ -65,6 +66,7 @@ def write_plots(report: dict, curves: dict, out: Path) -> list[str]:
         ax.axhline(report["clean_accuracy"], color="grey", ls=":", label="clean")
         ax.set(xscale="log", xlabel=label, ylabel="accuracy", ylim=(0, 1.02),
                title=_title(report, f"Robust accuracy vs ε ({'L2' if norm == 'l2' else 'L∞'})"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.legend(fontsize=7)
     written.append(_save(fig, out / "robust_accuracy.png"))
 
