@@ -1,21 +1,30 @@
-"""Attack throughput: medrobust's compiled PGD / APGD vs IBM ART, and vs a bare eager gradient loop.
+"""Attack throughput: medrobust's PGD / APGD vs IBM ART, vs a bare eager gradient loop, and vs the machine.
 
-    python benchmarks/attacks.py [--batch 256] [--size 28] [--width 32] [--repeats 3] [--jit]
+    python benchmarks/attacks.py [--batch 128] [--size 28] [--width 32] [--repeats 3] [--jit] [--skip-art]
 
 One model (the default small CNN, random weights: speed does not depend on training) and one batch
 of phantom scans, L-inf eps = 4/255. Labels are the model's own predictions, so every image starts
 correctly classified; ART only attacks such images, so both libraries do the full work on every
 image. Our attacks run with early_stop=False for the same reason (early stopping only saves time).
 Every attack is called once before timing (warm-up: tf.function tracing and ART's own set-up are
-EXCLUDED); each figure is the median over --repeats timed calls. Prints images/s and ratios:
+EXCLUDED); then the attacks are timed in interleaved rounds (load from other processes hits all of
+them alike) and each figure is the median over --repeats rounds. Prints images/s and ratios:
   - PGD-10: ours vs ART ProjectedGradientDescent (max_iter=10, one random start);
   - PGD-10: ours vs a bare eager loop of 10 tf.GradientTape gradient evaluations (no sign, step,
     projection or bookkeeping), the floor for any 10-step gradient attack run eagerly;
   - APGD-100 (CE): ours vs ART AutoProjectedGradientDescent (max_iter=100, one start).
+and how close each attack gets to the machine: GMAC/s = multiply-accumulates of the gradient
+evaluations it did (counted by TensorFlow's profiler on the model's input-gradient graph: forward plus
+the backward pass to the input, no weight gradients) per second, beside the peak of the same threads
+on a large float32 matmul (2048 x 2048). Process CPU seconds are printed too: on a shared machine
+wall time grows with other people's load, CPU time much less.
 --jit adds our attacks compiled with XLA: on CPU they were 4-6x SLOWER than the default graph
 (oneDNN kernels) in our runs, so jit_compile=True is for GPUs/TPUs.
-The machine's load (other processes) is printed too: on a shared CPU the absolute numbers move, the
-ratios less so.
+--bf16 adds our attacks on a bfloat16 twin of the model (Keras mixed_bfloat16 policy, same weights, logits
+in float32; oneDNN runs bf16 on AVX512_BF16/AMX CPUs), with the robust accuracy their adversaries leave on
+the float32 model beside that of the float32 attacks: faster where the CPU has bf16 units, but a different
+(lower-precision) attack, so the evaluation does not use it.
+--inter-op / --intra-op set TensorFlow's thread pools (default: TensorFlow's choice) to try other settings.
 """
 
 from __future__ import annotations
@@ -30,15 +39,89 @@ import warnings
 import numpy as np
 
 
-def median_seconds(name: str, fn, repeats: int) -> float:
-    print(f"timing {name} ...", file=sys.stderr, flush=True)
-    fn()  # warm-up: tracing / set-up excluded
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Warm up every fn once, then time them in `repeats` interleaved rounds; median (wall, cpu) each."""
+    for name, fn in fns.items():
+        print(f"warming up {name} ...", file=sys.stderr, flush=True)
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    runs: dict[str, list] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            print(f"round {r + 1}/{repeats}: {name}", file=sys.stderr, flush=True)
+            runs[name].append(timed(fn))
+    return {name: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for name, v in runs.items()}
+
+
+def median_seconds(name: str, fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call (used by benchmarks/evaluate.py)."""
+    print(f"timing {name} ...", file=sys.stderr, flush=True)
+    fn()
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
+
+
+def gradient_macs(model, image_shape) -> float:
+    """Multiply-accumulates of one input-gradient evaluation (forward + backward to the input) of one
+    image, from TensorFlow's profiler on the frozen gradient graph (flops / 2)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from medrobust.attacks.losses import cross_entropy
+
+    @tf.function
+    def grad(x, y):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(x)
+            loss = cross_entropy(model(x, training=False), y)
+        return tape.gradient(loss, x)
+
+    concrete = grad.get_concrete_function(tf.TensorSpec((1,) + tuple(image_shape)), tf.TensorSpec([1], tf.int32))
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    level = tf.get_logger().level
+    tf.get_logger().setLevel("ERROR")  # the v1 profiler's deprecation notices
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            profile = tf.compat.v1.profiler.profile(graph=convert_variables_to_constants_v2(concrete).graph,
+                                                    options=options)
+    finally:
+        tf.get_logger().setLevel(level)
+    return profile.total_float_ops / 2
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """GMAC/s of a float32 size x size matmul on TensorFlow's threads (best of `repeats`)."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((size, size))
+    mm = tf.function(lambda: tf.matmul(a, a))
+    mm().numpy()
+    best = min(timed(lambda: mm().numpy())[0] for _ in range(repeats))
+    return size ** 3 / best / 1e9
+
+
+def bfloat16_twin(model):
+    """The same network under Keras' mixed_bfloat16 policy (bf16 compute, float32 weights), sharing the
+    weights' values, with the last layer (the logits) kept in float32."""
+    import keras
+
+    last = model.layers[-1].name
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name == last else "mixed_bfloat16"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def art_classifier(model, input_shape):
@@ -67,13 +150,16 @@ def main() -> None:
     from medrobust.cli import ArgumentParser  # names the closest option on a typo
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=256, help="images per attack call")
+    parser.add_argument("--batch", type=int, default=128, help="images per attack call")
     parser.add_argument("--size", type=int, default=28, help="image side (pixels)")
     parser.add_argument("--width", type=int, default=None, help="small CNN width (default: the model's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per attack (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median reported)")
     parser.add_argument("--eps", type=float, default=4 / 255)
     parser.add_argument("--jit", action="store_true", help="also time our attacks with jit_compile=True (XLA)")
     parser.add_argument("--skip-art", action="store_true", help="only our attacks and the eager loop")
+    parser.add_argument("--bf16", action="store_true", help="also time our attacks on a bfloat16 twin of the model")
+    parser.add_argument("--inter-op", type=int, default=0, help="TensorFlow inter-op threads (0: default)")
+    parser.add_argument("--intra-op", type=int, default=0, help="TensorFlow intra-op threads (0: default)")
     args = parser.parse_args()
     from medrobust.cli import import_tensorflow
 
@@ -81,6 +167,11 @@ def main() -> None:
 
     import keras
     import tensorflow as tf
+
+    if args.inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    if args.intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
 
     from medrobust.attacks import APGD, PGD, predict_labels
     from medrobust.data.phantom import make_phantom
@@ -105,16 +196,26 @@ def main() -> None:
 
     ours_pgd = PGD(model, steps=10, early_stop=False)
     ours_apgd = APGD(model, steps=100, loss="ce", early_stop=False)
-    results: dict[str, float] = {}
-    results["ours PGD-10"] = median_seconds("ours PGD-10", lambda: ours_pgd(xt, yt, eps).numpy(), args.repeats)
-    results["eager 10 gradients"] = median_seconds("eager 10 gradients", eager_loop, args.repeats)
-    results["ours APGD-100"] = median_seconds("ours APGD-100", lambda: ours_apgd(xt, yt, eps).numpy(), args.repeats)
+    fns = {"ours PGD-10": lambda: ours_pgd.run(x, y, eps),
+           "eager 10 gradients": eager_loop,
+           "ours APGD-100": lambda: ours_apgd.run(x, y, eps)}
+    # gradient evaluations per image of each: PGD-10 and ART PGD take 10 (+ a final forward check),
+    # APGD-100 101 (its start point and 100 steps)
+    grads = {"ours PGD-10": 10, "eager 10 gradients": 10, "ours APGD-100": 101, "ART PGD-10": 10, "ART APGD-100": 101}
     if args.jit:
         jit_pgd = PGD(model, steps=10, early_stop=False, jit_compile=True)
         jit_apgd = APGD(model, steps=100, loss="ce", early_stop=False, jit_compile=True)
-        results["ours PGD-10 (XLA)"] = median_seconds("ours PGD-10 (XLA)", lambda: jit_pgd(xt, yt, eps).numpy(), args.repeats)
-        results["ours APGD-100 (XLA)"] = median_seconds("ours APGD-100 (XLA)", lambda: jit_apgd(xt, yt, eps).numpy(),
-                                               args.repeats)
+        fns["ours PGD-10 (XLA)"] = lambda: jit_pgd.run(x, y, eps)
+        fns["ours APGD-100 (XLA)"] = lambda: jit_apgd.run(x, y, eps)
+        grads.update({"ours PGD-10 (XLA)": 10, "ours APGD-100 (XLA)": 101})
+    if args.bf16:
+        twin = bfloat16_twin(model)
+        bf_pgd = PGD(twin, steps=10, early_stop=False)
+        bf_apgd = APGD(twin, steps=100, loss="ce", early_stop=False)
+        adv: dict = {}
+        fns["ours PGD-10 (bf16)"] = lambda: adv.__setitem__("PGD-10 (bf16)", bf_pgd.run(x, y, eps)[0])
+        fns["ours APGD-100 (bf16)"] = lambda: adv.__setitem__("APGD-100 (bf16)", bf_apgd.run(x, y, eps)[0])
+        grads.update({"ours PGD-10 (bf16)": 10, "ours APGD-100 (bf16)": 101})
     if not args.skip_art:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -124,28 +225,43 @@ def main() -> None:
         art_pgd = ProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=0.25 * eps, max_iter=10,
                                            num_random_init=1, batch_size=n, verbose=False)
         art_apgd100 = art_apgd(classifier, eps, 100, n)
-        results["ART PGD-10"] = median_seconds("ART PGD-10", lambda: art_pgd.generate(x, y), args.repeats)
-        results["ART APGD-100"] = median_seconds("ART APGD-100", lambda: art_apgd100.generate(x, y), args.repeats)
+        fns["ART PGD-10"] = lambda: art_pgd.generate(x, y)
+        fns["ART APGD-100"] = lambda: art_apgd100.generate(x, y)
+    results = interleaved(fns, args.repeats)
+    macs = gradient_macs(model, x.shape[1:])
+    peak = matmul_peak()
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
           + ("" if args.skip_art else f", ART {art.__version__}")
-          + f"; {os.cpu_count()} CPUs, load average {load:.1f}")
+          + f"; {os.cpu_count()} CPUs, {tf.config.threading.get_intra_op_parallelism_threads() or 'default'} "
+            f"intra-op threads, load average {load:.1f} (other processes)")
     print(f"model small_cnn {args.size}x{args.size} width {model.get_layer('features').units // 4}, "
-          f"{model.count_params():,} parameters; batch {n}; eps {eps:.4f}; "
-          f"median of {args.repeats} timed calls after one warm-up call (tracing excluded)")
-    print(f"{'attack':<24}{'seconds':>10}{'images/s':>12}")
-    for name, seconds in results.items():
-        print(f"{name:<24}{seconds:>10.3f}{n / seconds:>12.1f}")
-    print("ratios (throughput; > 1 means ours is faster):")
-    print(f"  PGD-10  ours / eager 10-gradient loop: {results['eager 10 gradients'] / results['ours PGD-10']:.2f}x")
+          f"{model.count_params():,} parameters, {macs / 1e6:.1f} MMAC per input-gradient evaluation; batch {n}; "
+          f"eps {eps:.4f}; median of {args.repeats} interleaved rounds after one warm-up call (tracing excluded)")
+    print(f"machine peak: float32 2048x2048 matmul {peak:.1f} GMAC/s on the same threads")
+    note = "   (peak: float32; bf16 rows can exceed it)" if args.bf16 else ""
+    print(f"{'attack':<24}{'seconds':>10}{'CPU s':>8}{'images/s':>10}{'GMAC/s':>9}{'of peak':>9}{note}")
+    for name, (wall, cpu) in results.items():
+        gmacs = n * grads[name] * macs / wall / 1e9
+        print(f"{name:<24}{wall:>10.3f}{cpu:>8.2f}{n / wall:>10.1f}{gmacs:>9.1f}{gmacs / peak:>9.0%}")
+    print("ratios (throughput, wall time; > 1 means ours is faster):")
+    ratio = lambda a, b: results[b][0] / results[a][0]  # noqa: E731
+    print(f"  PGD-10  ours / eager 10-gradient loop: {ratio('ours PGD-10', 'eager 10 gradients'):.2f}x")
     if not args.skip_art:
-        print(f"  PGD-10  ours / ART:                    {results['ART PGD-10'] / results['ours PGD-10']:.2f}x")
-        print(f"  APGD-100 ours / ART:                   {results['ART APGD-100'] / results['ours APGD-100']:.2f}x")
+        print(f"  PGD-10  ours / ART:                    {ratio('ours PGD-10', 'ART PGD-10'):.2f}x  (goal >= 3x)")
+        print(f"  APGD-100 ours / ART:                   {ratio('ours APGD-100', 'ART APGD-100'):.2f}x  (goal >= 5x)")
+    if args.bf16:
+        print(f"  PGD-10  ours bf16 / ours:              {ratio('ours PGD-10 (bf16)', 'ours PGD-10'):.2f}x")
+        print(f"  APGD-100 ours bf16 / ours:             {ratio('ours APGD-100 (bf16)', 'ours APGD-100'):.2f}x")
+        for name, attack in (("PGD-10", ours_pgd), ("APGD-100", ours_apgd)):
+            keras.utils.set_random_seed(1)
+            fp32 = np.mean(predict_labels(model, attack.run(x, y, eps)[0]) == y)
+            bf16 = np.mean(predict_labels(model, adv[f"{name} (bf16)"]) == y)
+            print(f"  {name} robust accuracy on the float32 model: float32 attack {fp32:.3f}, bf16 attack {bf16:.3f}")
     if args.jit:
-        print(f"  PGD-10  ours XLA / ours:               {results['ours PGD-10'] / results['ours PGD-10 (XLA)']:.2f}x")
-        print(f"  APGD-100 ours XLA / ours:              "
-              f"{results['ours APGD-100'] / results['ours APGD-100 (XLA)']:.2f}x")
+        print(f"  PGD-10  ours XLA / ours:               {ratio('ours PGD-10 (XLA)', 'ours PGD-10'):.2f}x")
+        print(f"  APGD-100 ours XLA / ours:              {ratio('ours APGD-100 (XLA)', 'ours APGD-100'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ image sent back to its best point so far, when
   2. its step was not halved at the last checkpoint and its best loss has not improved since.
 Steps use momentum 0.75 (none on the first step). Each image's best loss and best (successful)
 adversarial are tracked; restarts redraw a random start for the images not yet fooled.
+The steps run in compiled chunks of about a second, so Ctrl-C stops within one, and images already
+fooled are dropped from the batch between chunks (early stopping).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from medrobust.attacks.base import batched, check_inputs, logits_fn, num_classes_of, per_image, run_steps
 from medrobust.attacks.losses import cross_entropy, dlr
-from medrobust.attacks.pgd import LossFn, ObjectiveFn, SuccessFn, _l2_norm, _per_image, loss_gradient, project
+from medrobust.attacks.pgd import (LossFn, ObjectiveFn, SuccessFn, _as_logits_fn, _l2_norm, _project_np,
+                                   is_adversarial, loss_gradient, project)
 
 LOSSES = {"ce": cross_entropy, "dlr": dlr}
 
@@ -39,23 +44,29 @@ class APGD:
     """Auto-PGD, L-inf or L2, on the cross-entropy ('ce') or difference-of-logits-ratio ('dlr') loss.
 
     attack = APGD(model, steps=100, loss="dlr"); x_adv = attack(x, y, eps=0.01)
-    eps is in [0, 1] pixel scale, a scalar or one value per image; outputs always lie in the eps-ball
-    and in [0, 1]. Compiled once per input shape; eps is a tensor argument (sweeps do not retrace).
+    x: float32 [n, h, w, c] in [0, 1]; y: int [n]; eps: scalar or one value per image, L-inf in (0, 1]
+    or L2 in (0, sqrt(pixels)] (pixel scale). Returns a float32 tensor like x, always in the eps-ball and
+    in [0, 1]. Bad input raises ValueError before any work. A model ending in a softmax is refused for
+    'dlr' (it needs logits, as in IBM ART) and attacked through its log-probabilities, with a warning,
+    for 'ce'. Compiled once per input shape; eps is a tensor argument (sweeps do not retrace).
     Returned image: a successful adversarial where one was found (over all steps and restarts),
-    otherwise the point of highest loss reached.
+    otherwise the point of highest loss reached. `run(x, y, eps, x_init=None)` also returns which
+    images were fooled; `x_init` (projected into the ball) replaces the first restart's random start,
+    e.g. the adversaries found at a smaller eps.
 
     - `restarts`: independent runs from fresh random starts; each only changes images not yet fooled.
-    - `early_stop`: per image, an image stops moving once it is fooled, and a run ends once the
-      whole batch is fooled (its returned adversarial is unchanged by this; it only saves compute).
+    - `early_stop`: per image, an image stops moving once it is fooled (and is dropped from the batch
+      at the next chunk); its returned adversarial is unchanged by this, it only saves compute.
     - `eot_iter`: gradients (and losses) averaged over that many evaluations, for randomised
       models/objectives (expectation over transformation); 1 for a deterministic model.
     - `loss_fn(logits, y)`: replaces the 'ce'/'dlr' loss. It only sees the classifier's logits, so it
       CANNOT express an objective that involves a detector or anything else outside the classifier.
       For adaptive attacks on a classifier+detector pair pass instead
-      `objective_fn(x_adv, y) -> per-example loss` (higher = more adversarial, differentiable w.r.t.
-      x_adv; replaces `loss_fn(model(x_adv), y)`) and `success_fn(x_adv, y) -> bool per example`
-      (replaces "misclassified by model": decides early stopping, restarts and which point is
-      returned), e.g. success = misclassified & not flagged by the detector. Both must be traceable.
+      `objective_fn(x_adv, y) -> per-example loss` or `-> (loss, success)` (higher = more adversarial,
+      differentiable w.r.t. x_adv; replaces `loss_fn(model(x_adv), y)`) and `success_fn(x_adv, y) ->
+      bool per example` (replaces "misclassified by model": decides early stopping, restarts and which
+      point is returned), e.g. success = misclassified & not flagged by the detector. Both must be
+      traceable; returning success beside the loss saves a second forward pass per step.
     - `jit_compile=True` (XLA): on CPU it was several times slower than the default graph; use it on GPU.
     """
 
@@ -71,6 +82,7 @@ class APGD:
             raise ValueError("steps, restarts and eot_iter must be >= 1")
         self.model, self.steps, self.norm, self.restarts = model, steps, norm, restarts
         self.rho, self.eot_iter, self.early_stop, self.momentum = rho, eot_iter, early_stop, momentum
+        self.loss_name = loss if loss_fn is None else "custom"
         self.loss_fn = loss_fn if loss_fn is not None else LOSSES[loss]
         self.objective_fn, self.success_fn = objective_fn, success_fn
         self.checkpoints = checkpoints(steps)
@@ -79,20 +91,54 @@ class APGD:
         for w in self.checkpoints:
             is_check[w], check_len[w], prev = True, float(w - prev), w
         self._is_check, self._check_len = is_check, check_len
-        self._run = tf.function(self._attack, jit_compile=jit_compile, reduce_retracing=True)
+        self._logits = None  # set on the first call, once the model's outputs were seen
+        self._start = tf.function(self._first_point, jit_compile=jit_compile, reduce_retracing=True)
+        self._chunk = tf.function(self._steps, jit_compile=jit_compile, reduce_retracing=True)
+        self._final = tf.function(lambda v, t: is_adversarial(self._logits, v, t, self.success_fn),
+                                  reduce_retracing=True)
 
-    def __call__(self, x, y, eps) -> tf.Tensor:
-        x = tf.convert_to_tensor(x, tf.float32)
-        # eps always as one value per image: scalar and per-image eps share one compiled graph.
-        eps = tf.broadcast_to(tf.reshape(tf.convert_to_tensor(eps, tf.float32), [-1]), tf.shape(x)[:1])
-        return self._run(x, tf.cast(y, tf.int32), eps)
+    def __call__(self, x, y, eps, x_init=None) -> tf.Tensor:
+        return tf.constant(self.run(x, y, eps, x_init)[0])
+
+    def run(self, x, y, eps, x_init=None) -> tuple[np.ndarray, np.ndarray]:
+        """(x_adv float32 numpy like x, fooled bool [n]): see the class docstring."""
+        x, y, eps = check_inputs(x, y, eps, self.norm, num_classes_of(self.model), "APGD")
+        if self._logits is None:
+            self._logits = (_as_logits_fn(self.model) if self.objective_fn is not None else
+                            logits_fn(self.model, x[:64], f"APGD-{self.loss_name.upper()}", self.loss_name == "dlr"))
+        n = len(x)
+        fooled = np.zeros(n, bool)
+        best, x_max_all = x.copy(), x.copy()
+        loss_max_all = np.full(n, -np.inf, np.float32)
+        todo = np.arange(n)
+        for restart in range(self.restarts):
+            if not len(todo):
+                break
+            xs, ys, es = x[todo], y[todo], eps[todo]
+            if restart == 0 and x_init is not None:
+                start = _project_np(np.asarray(x_init, np.float32)[todo], xs, es, self.norm)
+            else:
+                start = self._random_start(xs, es)
+            const = {"x": tf.constant(xs), "y": tf.constant(ys), "eps": tf.constant(es)}
+            state = self._start(const, tf.constant(start))
+            out = run_steps(self._chunk, const, state, self.steps, done="fooled" if self.early_stop else None)
+            hit = out["fooled"]
+            best[todo[hit]] = out["best"][hit]
+            fooled[todo[hit]] = True
+            better = out["loss_max"] > loss_max_all[todo]
+            x_max_all[todo[better]] = out["x_max"][better]
+            loss_max_all[todo[better]] = out["loss_max"][better]
+            todo = todo[~hit]
+        return np.where(fooled.reshape((-1,) + (1,) * (x.ndim - 1)), best, x_max_all), fooled
 
     # -- pieces ----------------------------------------------------------------------------------
     def _evaluate(self, x_adv, y):
         """(loss, gradient, success) at x_adv, loss and gradient averaged over eot_iter evaluations."""
-        loss, grad, success = loss_gradient(self.model, x_adv, y, self.loss_fn, self.objective_fn, self.success_fn)
+        loss, grad, success = loss_gradient(self._logits, x_adv, y, self.loss_fn, self.objective_fn,
+                                            self.success_fn)
         for _ in range(self.eot_iter - 1):
-            l2, g2, success = loss_gradient(self.model, x_adv, y, self.loss_fn, self.objective_fn, self.success_fn)
+            l2, g2, success = loss_gradient(self._logits, x_adv, y, self.loss_fn, self.objective_fn,
+                                            self.success_fn)
             loss, grad = loss + l2, grad + g2
         if self.eot_iter > 1:
             loss, grad = loss / self.eot_iter, grad / self.eot_iter
@@ -104,68 +150,60 @@ class APGD:
     def _random_start(self, x, eps):
         """As in the reference code: L-inf, a uniform draw rescaled so its largest entry is eps;
         L2, a uniform direction at radius eps. Clipped to [0, 1] (which stays in the ball)."""
+        x = tf.constant(x)
+        e = per_image(tf.constant(eps), x)
         if self.norm == "linf":
             t = tf.random.uniform(tf.shape(x), -1.0, 1.0)
             t = t / tf.reduce_max(tf.abs(t), axis=list(range(1, x.shape.rank)), keepdims=True)
         else:
             t = tf.random.normal(tf.shape(x))
             t = t / _l2_norm(t)
-        return tf.clip_by_value(x + eps * t, 0.0, 1.0)
+        return tf.clip_by_value(x + e * t, 0.0, 1.0).numpy()
 
-    def _one_run(self, x, y, eps, fooled, x_adv_best, loss_max_all, x_max_all):
+    def _first_point(self, const, x_start):
+        """The state of a run at its start point (step 0): loss, gradient and success evaluated there."""
+        y, eps = const["y"], const["eps"]
+        loss, grad, success = self._evaluate(x_start, y)
+        return {"x_cur": x_start, "x_prev": x_start, "grad": grad, "loss_prev": loss, "loss_max": loss,
+                "x_max": x_start, "grad_max": grad, "eta": 2.0 * eps, "count": tf.zeros_like(loss),
+                "loss_max_last": loss, "halved_last": tf.ones(tf.shape(loss), tf.bool),  # reference code:
+                # condition 2 is off at the first checkpoint
+                "best": tf.where(per_image(success, x_start) > 0, x_start, const["x"]), "fooled": success}
+
+    def _steps(self, const, state, k0, n):
+        x, y = const["x"], const["y"]
+        eps = per_image(const["eps"], x)
         is_check = tf.constant(self._is_check)
         check_len = tf.constant(self._check_len, tf.float32)
-        img = lambda v: _per_image(v, x) > 0  # noqa: E731  bool [b] -> broadcastable mask
-
-        x_cur = self._random_start(x, eps)
-        loss, grad, success = self._evaluate(x_cur, y)
-        x_adv_best = tf.where(img(success), x_cur, x_adv_best)
-        fooled = fooled | success
-        eta = 2.0 * eps * tf.ones_like(eps)
-        x_prev = x_cur
-        loss_prev, loss_max, x_max, grad_max = loss, loss, x_cur, grad
-        count = tf.zeros_like(loss)  # loss increases since the last checkpoint
-        loss_max_last = loss_max  # best loss at the last checkpoint
-        halved_last = tf.ones(tf.shape(loss), tf.bool)  # reference code: condition 2 off at the first check
-
-        for k in tf.range(self.steps):
-            if self.early_stop and tf.reduce_all(fooled):
+        img = lambda v: per_image(v, x) > 0  # noqa: E731  bool [b] -> broadcastable mask
+        s = dict(state)
+        for i in tf.range(n):
+            if self.early_stop and tf.reduce_all(s["fooled"]):
                 break
+            k = k0 + i
+            x_cur, eta, fooled = s["x_cur"], per_image(s["eta"], x), s["fooled"]
             a = tf.where(k == 0, 1.0, self.momentum)
-            z = project(x_cur + eta * self._direction(grad), x, eps, self.norm)
-            x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - x_prev), x, eps, self.norm)
-            if self.early_stop:
-                x_new = tf.where(img(fooled), x_cur, x_new)
+            z = project(x_cur + eta * self._direction(s["grad"]), x, eps, self.norm)
+            x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - s["x_prev"]), x, eps, self.norm)
+            x_new = tf.where(img(fooled), x_cur, x_new)  # fooled images stay put
             loss_new, grad_new, success = self._evaluate(x_new, y)
-            x_adv_best = tf.where(img(success), x_new, x_adv_best)
+            best = tf.where(img(success & ~fooled), x_new, s["best"])
             fooled = fooled | success
-            count += tf.cast(loss_new > loss_prev, tf.float32)
-            better = loss_new > loss_max
-            x_max = tf.where(img(better), x_new, x_max)
-            grad_max = tf.where(img(better), grad_new, grad_max)
-            loss_max = tf.where(better, loss_new, loss_max)
-            x_prev, x_cur, grad, loss_prev = x_cur, x_new, grad_new, loss_new
+            count = s["count"] + tf.cast(loss_new > s["loss_prev"], tf.float32)
+            better = loss_new > s["loss_max"]
+            x_max = tf.where(img(better), x_new, s["x_max"])
+            grad_max = tf.where(img(better), grad_new, s["grad_max"])
+            loss_max = tf.where(better, loss_new, s["loss_max"])
 
-            at_check = is_check[k + 1]
-            halve = at_check & ((count < self.rho * check_len[k + 1]) | (~halved_last & (loss_max <= loss_max_last)))
-            eta = tf.where(img(halve), eta / 2.0, eta)
-            x_cur = tf.where(img(halve), x_max, x_cur)
-            grad = tf.where(img(halve), grad_max, grad)
-            count = tf.where(at_check, tf.zeros_like(count), count)
-            halved_last = tf.where(at_check, halve, halved_last)
-            loss_max_last = tf.where(at_check, loss_max, loss_max_last)
-
-        better = loss_max > loss_max_all
-        x_max_all = tf.where(img(better), x_max, x_max_all)
-        loss_max_all = tf.where(better, loss_max, loss_max_all)
-        return fooled, x_adv_best, loss_max_all, x_max_all
-
-    def _attack(self, x, y, eps):
-        eps = _per_image(eps, x)
-        fooled = tf.zeros(tf.shape(x)[:1], tf.bool)
-        loss_max_all = tf.fill(tf.shape(x)[:1], float("-inf"))
-        x_adv_best, x_max_all = x, x
-        for _ in tf.range(self.restarts):  # a graph loop: the run is traced once, whatever the restarts
-            fooled, x_adv_best, loss_max_all, x_max_all = self._one_run(
-                x, y, eps, fooled, x_adv_best, loss_max_all, x_max_all)
-        return tf.where(_per_image(fooled, x) > 0, x_adv_best, x_max_all)
+            at_check = tf.gather(is_check, k + 1)
+            halve = at_check & ((count < self.rho * tf.gather(check_len, k + 1))
+                                | (~s["halved_last"] & (loss_max <= s["loss_max_last"])))
+            s = {"x_prev": x_cur, "x_cur": tf.where(img(halve), x_max, x_new),
+                 "grad": tf.where(img(halve), grad_max, grad_new), "loss_prev": loss_new,
+                 "loss_max": loss_max, "x_max": x_max, "grad_max": grad_max,
+                 "eta": tf.where(halve, s["eta"] / 2.0, s["eta"]),
+                 "count": tf.where(at_check, tf.zeros_like(count), count),
+                 "halved_last": tf.where(at_check, halve, s["halved_last"]),
+                 "loss_max_last": tf.where(at_check, loss_max, s["loss_max_last"]),
+                 "best": best, "fooled": fooled}
+        return s

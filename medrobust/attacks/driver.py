@@ -10,16 +10,17 @@ from tqdm.auto import tqdm
 
 
 def attack_batches(attack, x: np.ndarray, y: np.ndarray, eps, batch_size: int = 256, progress: bool = True,
-                   desc: str = "attack") -> np.ndarray:
+                   desc: str = "attack", x_init: np.ndarray | None = None) -> np.ndarray:
     """Adversarial copies of x (same order). `attack(x, y, eps)` is any medrobust attack; eps a scalar
-    or one value per image."""
+    or one value per image; x_init (optional, like x) is passed on as `attack(..., x_init=...)`."""
     eps = np.asarray(eps, np.float32)
     out = np.empty_like(x, dtype=np.float32)
     bar = tqdm(total=len(x), desc=desc, unit="img", disable=not progress, leave=False)
     for start in range(0, len(x), batch_size):
         stop = min(start + batch_size, len(x))
         batch_eps = eps if eps.ndim == 0 else eps[start:stop]
-        x_adv = attack(x[start:stop], y[start:stop], batch_eps)
+        extra = {} if x_init is None else {"x_init": x_init[start:stop]}
+        x_adv = attack(x[start:stop], y[start:stop], batch_eps, **extra)
         out[start:stop] = x_adv.numpy() if tf.is_tensor(x_adv) else np.asarray(x_adv)  # numpy: SquareAttack
         bar.update(stop - start)
     bar.close()

@@ -64,8 +64,8 @@ class SquareAttack:
         self.predict_fn, self.n_queries, self.p_init, self.output = predict_fn, n_queries, p_init, output
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, x, y, eps) -> np.ndarray:
-        return self.run(x, y, eps)[0]
+    def __call__(self, x, y, eps, x_init=None) -> np.ndarray:
+        return self.run(x, y, eps, x_init)[0]
 
     def _scores(self, x: np.ndarray, y: np.ndarray, probs: bool) -> tuple[np.ndarray, np.ndarray]:
         """(margin z_y - max_{j != y} z_j, fooled) per image, from one query."""
@@ -78,18 +78,28 @@ class SquareAttack:
         other[rows, y] = -np.inf
         return true - other.max(axis=1), out.argmax(axis=1) != y
 
-    def run(self, x, y, eps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(x_adv numpy float32, search queries per image int, fooled per image bool)."""
-        x = np.asarray(x, np.float32)
-        y = np.asarray(y).astype(np.int64).reshape(-1)
+    def run(self, x, y, eps, x_init=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x_adv numpy float32, search queries per image int, fooled per image bool).
+
+        x_init (optional, like x): a starting point per image instead of the stripes, e.g. the
+        adversaries of a smaller eps scaled up; it is clipped into the eps-ball and costs one query.
+        Raises ValueError on pixels outside [0, 1], eps outside (0, 1] or labels that are not indices."""
+        from medrobust.attacks.base import check_inputs
+
+        x, y, eps = check_inputs(x, y, eps, "linf", None, "SquareAttack")
+        if x.ndim != 4:
+            raise ValueError(f"SquareAttack: x must be images [n, height, width, channels], got shape {x.shape}")
+        y = y.astype(np.int64)
         n, h, w, c = x.shape
-        eps = np.broadcast_to(np.asarray(eps, np.float32).reshape(-1), (n,)).reshape(n, 1, 1, 1)
+        eps = eps.reshape(n, 1, 1, 1)
         queries = np.zeros(n, np.int64)
         if n == 0:
             return x.copy(), queries, np.zeros(0, bool)
 
         # Clean check (not counted): misclassified images are returned as they are.
         raw = np.asarray(self.predict_fn(np.ascontiguousarray(x)), np.float64).reshape(n, -1)
+        if y.max() >= raw.shape[1]:
+            raise ValueError(f"SquareAttack: class indices must be in [0, {raw.shape[1]}), got {y.max()}")
         probs = self.output == "probs" or (
             self.output == "auto" and raw.min() >= 0 and np.allclose(raw.sum(axis=1), 1.0, atol=1e-3))
         fooled = raw.argmax(axis=1) != y
@@ -99,8 +109,14 @@ class SquareAttack:
         # Vertical-stripe initialisation: +-eps per column (and channel), constant along the height.
         todo = np.flatnonzero(~fooled)
         if len(todo):
-            stripes = self.rng.choice([-1.0, 1.0], size=(len(todo), 1, w, c)).astype(np.float32)
-            x_best[todo] = np.clip(x[todo] + eps[todo] * stripes, 0.0, 1.0)
+            if x_init is not None:
+                start = np.asarray(x_init, np.float32)
+                if start.shape != x.shape:
+                    raise ValueError(f"SquareAttack: x_init must have the shape of x {x.shape}, got {start.shape}")
+                x_best[todo] = np.clip(np.clip(start[todo], x[todo] - eps[todo], x[todo] + eps[todo]), 0.0, 1.0)
+            else:
+                stripes = self.rng.choice([-1.0, 1.0], size=(len(todo), 1, w, c)).astype(np.float32)
+                x_best[todo] = np.clip(x[todo] + eps[todo] * stripes, 0.0, 1.0)
             margin[todo], fooled[todo] = self._scores(x_best[todo], y[todo], probs)
             queries[todo] += 1
 

@@ -174,11 +174,15 @@ class Detector:
     def combination(self) -> str:
         return self.config["combination"]
 
-    def score_tensor(self, x) -> dict[str, tf.Tensor]:
+    def score_tensor(self, x, with_logits: bool = False) -> dict[str, tf.Tensor]:
         """All scores of a batch x [n, s, s, 1] as tensors {'combined', 'reconstruction', 'feature',
-        'mahalanobis', 'boundary'}: pure and differentiable, for use inside a GradientTape."""
+        'mahalanobis', 'boundary'}: pure and differentiable, for use inside a GradientTape.
+        with_logits=True adds 'logits', the classifier's logits at x from the same forward pass (an
+        adaptive attack then needs no separate classifier call)."""
         x = tf.convert_to_tensor(x, tf.float32)
-        return self._graph(x, lambda m, v: m(v, training=False))
+        out = self._graph(x, lambda m, v: m(v, training=False))
+        logits = out.pop("logits")
+        return {**out, "logits": logits} if with_logits else out
 
     def score(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Scores of every image as float32 numpy arrays [n], keyed like score_tensor."""
@@ -225,14 +229,14 @@ class Detector:
             excess = ops.relu(z["reconstruction"]) + ops.relu(z["feature"]) + ops.relu(z["mahalanobis"])
             anomaly = (excess - c["anomaly"][0]) / c["anomaly"][1]
             combined = ops.maximum(z["boundary"], anomaly)
-        return {"combined": combined, **{name: parts[name] for name in PARTS}}
+        return {"combined": combined, **{name: parts[name] for name in PARTS}, "logits": parts["logits"]}
 
     def _parts_graph(self, x, call) -> dict:
         raw = self._raw_graph(x, call)
         scales = self.config["feature_scales"]
         feature = raw["divergence"] / scales["divergence"] + raw["distance"] / scales["distance"]
         return {"reconstruction": raw["reconstruction"], "feature": feature, "mahalanobis": raw["mahalanobis"],
-                "boundary": raw["boundary"]}
+                "boundary": raw["boundary"], "logits": raw["logits"]}
 
     def _raw_graph(self, x, call) -> dict:
         rec = call(self.autoencoder, x)
@@ -244,6 +248,7 @@ class Detector:
             "distance": S.l2_distance(features, features_rec),
             "mahalanobis": S.mahalanobis_distance(features, self.stats["means"], self.stats["whitening"]),
             "boundary": S.boundary_closeness(logits, self.config["boundary_delta"]),
+            "logits": logits,
         }
 
     def _raw_parts(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:

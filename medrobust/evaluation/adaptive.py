@@ -31,17 +31,24 @@ def margin_term(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
 def joint_objective(classifier, detector, weight, slack: float = 0.0):
     """(objective_fn, success_fn) for medrobust's PGD/APGD `objective_fn=`/`success_fn=` options.
 
-    weight may be a float or a tf.Variable (one compiled attack then serves a whole weight sweep)."""
+    objective_fn returns (loss, success) from ONE pass through the detector, whose classifier pass on
+    x_adv also gives the logits (detector.score_tensor(..., with_logits=True)): per step, one
+    autoencoder pass and two classifier passes (x_adv and its reconstruction), forward and backward.
+    success_fn (the same success on its own) is what the attacks use on their final iterate.
+    weight may be a float or a tf.Variable (one compiled attack then serves a whole weight sweep).
+    The detector must watch `classifier` (it reads its logits)."""
     threshold = tf.constant(detector.threshold, tf.float32)
+    if detector.classifier is not classifier:
+        raise ValueError("the detector watches another classifier than the one attacked")
 
     def objective(x_adv, y):
-        logits = classifier(x_adv, training=False)
-        score = detector.score_tensor(x_adv)["combined"]
-        return margin_term(logits, y) - weight * tf.nn.relu(score - threshold + slack)
+        out = detector.score_tensor(x_adv, with_logits=True)
+        score = out["combined"]
+        loss = margin_term(out["logits"], y) - weight * tf.nn.relu(score - threshold + slack)
+        return loss, misclassified(out["logits"], y) & (score <= threshold)
 
     def success(x_adv, y):
-        logits = classifier(x_adv, training=False)
-        score = detector.score_tensor(x_adv)["combined"]
-        return misclassified(logits, y) & (score <= threshold)
+        out = detector.score_tensor(x_adv, with_logits=True)
+        return misclassified(out["logits"], y) & (out["combined"] <= threshold)
 
     return objective, success

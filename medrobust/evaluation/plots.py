@@ -8,8 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from medrobust.io import atomic_write_bytes  # noqa: E402
+
+PLOT_NAMES = ("robust_accuracy.png", "detector_roc.png", "system_risk.png", "adaptive_vs_nonadaptive.png")
 
 
 def _save(fig, path: Path) -> str:
@@ -33,16 +36,38 @@ def _series(report, attack, key, adaptive=False):
     return [(x, v) for x, v in zip(eps, values) if v is not None]
 
 
+def _min_norm_curve(info: dict, n_images: int):
+    """(eps, robust accuracy) steps of a minimum-norm attack: robust(eps) = share of norms > eps."""
+    norms = sorted(v for v in info["norms"] if v is not None)
+    eps = [v for v in norms if v > 0]
+    if not eps:
+        return [], []
+    grid = [eps[0] / 2] + eps
+    return grid, [sum(1 for v in info["norms"] if v is None or v > e) / n_images for e in grid]
+
+
 def write_plots(report: dict, curves: dict, out: Path) -> list[str]:
+    """Write the plots of a (complete) report into out; returns the file names written (a subset of
+    PLOT_NAMES: no detector, no detector plots)."""
     written = []
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for attack in report["attacks"]:
-        pts = _series(report, attack, "robust_accuracy")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=attack)
-    ax.axhline(report["clean_accuracy"], color="grey", ls=":", label="clean")
-    ax.set(xscale="log", xlabel="ε (L∞, [0,1] scale)", ylabel="accuracy", ylim=(0, 1.02),
-           title=_title(report, "Robust accuracy vs ε"))
-    ax.legend()
+    norms = report.get("norms", {})
+    l2_attacks = [a for a in report["attacks"] if norms.get(a) == "l2"]
+    panels = [("linf", "ε (L∞, [0,1] pixel scale)")] + ([("l2", "ε (L2, [0,1] pixel units)")] if l2_attacks else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (norm, label) in zip(axes[0], panels):
+        for i, attack in enumerate(a for a in report["attacks"] if norms.get(a, "linf") == norm):
+            pts = _series(report, attack, "robust_accuracy")
+            info = (report.get("min_norm") or {}).get(attack)
+            if info:
+                grid, acc = _min_norm_curve(info, report["n_images"])
+                ax.step(grid, acc, where="post", lw=1, color=f"C{i}", alpha=0.7)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="" if info else "-", color=f"C{i}",
+                    label=attack + (" (minimum-norm curve)" if info else ""))
+        ax.axhline(report["clean_accuracy"], color="grey", ls=":", label="clean")
+        ax.set(xscale="log", xlabel=label, ylabel="accuracy", ylim=(0, 1.02),
+               title=_title(report, f"Robust accuracy vs ε ({'L2' if norm == 'l2' else 'L∞'})"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+        ax.legend(fontsize=7)
     written.append(_save(fig, out / "robust_accuracy.png"))
 
     if curves:
@@ -58,7 +83,7 @@ def write_plots(report: dict, curves: dict, out: Path) -> list[str]:
         written.append(_save(fig, out / "detector_roc.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for i, attack in enumerate(report["attacks"]):
+    for i, attack in enumerate(a for a in report["attacks"] if norms.get(a, "linf") == "linf"):
         color = f"C{i}"
         kinds = [("classifier_only_risk", ":", "classifier only")]
         if report.get("detector"):
@@ -66,7 +91,8 @@ def write_plots(report: dict, curves: dict, out: Path) -> list[str]:
         for key, style, label in kinds:
             pts = _series(report, attack, key)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=style, marker="o", color=color, label=f"{attack}, {label}")
-    ax.set(xscale="log", xlabel="ε", ylabel="risk", ylim=(0, 1.02), title=_title(report, "System risk vs ε"))
+    ax.set(xscale="log", xlabel="ε (L∞)", ylabel="risk", ylim=(0, 1.02),
+           title=_title(report, "System risk vs ε (L∞ attacks)"))
     ax.legend(fontsize=7)
     written.append(_save(fig, out / "system_risk.png"))
 
@@ -78,7 +104,7 @@ def write_plots(report: dict, curves: dict, out: Path) -> list[str]:
                 pts = _series(report, attack, key, adaptive=adapt)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=style, marker="o", color=f"C{i}",
                         label=f"{attack}, {'adaptive' if adapt else 'non-adaptive'}")
-        ax.set(xscale="log", xlabel="ε", ylabel="system risk", ylim=(0, 1.02),
+        ax.set(xscale="log", xlabel="ε (L∞)", ylabel="system risk", ylim=(0, 1.02),
                title=_title(report, "Adaptive vs non-adaptive attacker"))
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "adaptive_vs_nonadaptive.png"))

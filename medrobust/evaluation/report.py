@@ -1,56 +1,149 @@
-"""report.md: the evaluation's tables for a clinician-engineer."""
+"""report.md: the evaluation's tables for a clinician-engineer, saying what was run on what."""
 
 from __future__ import annotations
 
 from medrobust.classes import CLASSES
+from medrobust.evaluation.metrics import SMALL_SAMPLE
 
 RISK_DEFINITION = (
     "**System risk** = over test images classified correctly when clean, the fraction whose attacked version is "
     "misclassified **and** not flagged by the detector (a silent wrong diagnosis). **Classifier-only risk** ignores "
     "the detector. **Adaptive** = PGD/APGD on a joint objective that also pushes the detector score under its "
-    "threshold, worst case per image over the weight sweep. Detection AUROC and TPR are over successful "
+    "threshold, run on the images the plain attack fooled but the detector caught, for each weight in the sweep; "
+    "an image counts if any weight hides it. Detection AUROC and TPR are over successful "
     "adversaries vs all clean test images; TPR is at the detector's calibrated threshold.")
+NORM_TITLES = {"linf": "L-inf budgets (ε: largest change of any pixel, [0, 1] pixel scale; 0.004 ≈ 1/255)",
+               "l2": "L2 budgets (ε: Euclidean length of the whole perturbation, [0, 1] pixel units)"}
 
 
 def _f(v, digits=3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _ci(value, ci, digits=3) -> str:
+    """0.812 (0.771–0.848): a proportion and its 95% Wilson interval."""
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
+
+
 def markdown(report: dict) -> str:
     lines = [f"# medrobust evaluation: `{report['run']}`", ""]
+    if not report.get("complete", True):
+        lines += ["> **INCOMPLETE**: the evaluation was interrupted or is still running; rerun the same command "
+                  "to finish it. The tables hold the (attack, ε) pairs finished so far.", ""]
     if report["synthetic_data"]:
         lines += ["> **SYNTHETIC data**: these figures come from the built-in OCT phantom, not real scans.", ""]
-    lines += [f"Data: {report['data_source']}, {report['n_images']} test images. "
-              f"Budgets are L-inf in [0, 1] pixel scale (0.004 ≈ 1/255).", ""]
+    for warning in report.get("warnings", []):
+        lines += [f"> **Warning**: {warning}", ""]
+    lines += _what_was_run(report)
+    lines += ["Every proportion is given with its 95% Wilson confidence interval (in parentheses).", ""]
     lines += ["## Clean performance", "", "| metric | value |", "|---|---|",
-              f"| accuracy | {_f(report['clean_accuracy'])} |", f"| macro AUROC | {_f(report['macro_auroc'])} |",
-              f"| urgent referral (CNV+DME) sensitivity | {_f(report['urgent_referral']['sensitivity'])} |",
-              f"| urgent referral (CNV+DME) specificity | {_f(report['urgent_referral']['specificity'])} |"]
+              f"| accuracy | {_ci(report['clean_accuracy'], report.get('clean_accuracy_ci95'))} |",
+              f"| macro AUROC | {_f(report['macro_auroc'])} |"]
+    urgent = report["urgent_referral"]
+    for metric in ("sensitivity", "specificity"):
+        lines.append(f"| urgent referral (CNV+DME) {metric} | "
+                     f"{_ci(urgent[metric], (urgent.get('ci95') or {}).get(metric))} |")
     if report.get("detector"):
         d = report["detector"]
-        lines += [f"| detector clean false-referral rate | {_f(d['clean_false_referral_rate'])} |",
+        lines += [f"| detector clean false-referral rate | "
+                  f"{_ci(d['clean_false_referral_rate'], d.get('clean_false_referral_rate_ci95'))} |",
                   f"| detector threshold | {_f(d['threshold'], 4)} |"]
     lines += ["", "| class | sensitivity | specificity | support |", "|---|---|---|---|"]
-    lines += [f"| {c} | {_f(report['per_class'][c]['sensitivity'])} | {_f(report['per_class'][c]['specificity'])} "
-              f"| {report['per_class'][c]['support']} |" for c in CLASSES]
+    for c in CLASSES:
+        pc = report["per_class"][c]
+        ci = pc.get("ci95") or {}
+        lines.append(f"| {c} | {_ci(pc['sensitivity'], ci.get('sensitivity'))} | "
+                     f"{_ci(pc['specificity'], ci.get('specificity'))} | {pc['support']} |")
     lines += ["", "## Under attack", "", RISK_DEFINITION, ""]
-    for name, by_eps in report["attacks"].items():
-        lines += [f"### {name}", "",
-                  "| ε | robust acc. | attack success | det. AUROC | TPR at threshold | system risk | "
-                  "classifier-only risk | adaptive system risk | adaptive det. AUROC |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for eps, e in by_eps.items():
-            a = e.get("adaptive") or {}
-            lines.append(f"| {eps} | {_f(e['robust_accuracy'])} | {_f(e['attack_success_rate'])} | "
-                         f"{_f(e['detection_auroc'])} | {_f(e['tpr_at_fpr'])} | {_f(e['system_risk'])} | "
-                         f"{_f(e['classifier_only_risk'])} | {_f(a.get('system_risk'))} | "
-                         f"{_f(a.get('detection_auroc'))} |")
-        lines.append("")
+    norms = report.get("norms", {})
+    for norm in ("linf", "l2"):
+        names = [a for a in report["attacks"] if norms.get(a, "linf") == norm]
+        if not names:
+            continue
+        lines += [f"### {NORM_TITLES[norm]}", ""]
+        for name in names:
+            lines += _attack_table(report, name, norm)
+    lines += _min_norm_section(report)
     parts = _parts_table(report)
     if parts:
         lines += ["## Which detector part catches what (detection AUROC per score part)", ""] + parts + [""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report.get("plots", [])] + [""]
     return "\n".join(lines)
+
+
+def _what_was_run(report: dict) -> list[str]:
+    rc = report.get("run_config") or {}
+    data = report.get("data") or {}
+    model = (f"{rc.get('arch', '?')}" + (f" (width {rc['width']})" if rc.get("width") else "")
+             + f", {rc.get('image_size', '?')}×{rc.get('image_size', '?')} px")
+    training = (f"method `{rc.get('method', '?')}`, {rc.get('epochs_resolved') or rc.get('epochs', '?')} epochs, label fraction "
+                f"{rc.get('label_fraction', '?')}, seed {rc.get('seed', '?')}, on `{rc.get('data_source', '?')}`")
+    split = ("the **whole folder** (every image in its class folders)" if data.get("whole_folder")
+             else f"the {data.get('split', 'test')} split")
+    evaluated = f"`{report['data_source']}`, {split}: **{report['n_images']} images**"
+    if data.get("limit"):
+        evaluated += f" (the first {data['limit']} of a fixed shuffle, --limit)"
+    skipped = data.get("skipped") or []
+    if skipped:
+        evaluated += f"; {len(skipped)} unreadable files skipped (listed in report.json)"
+    lines = ["## What was run", "", "| | |", "|---|---|", f"| model | {model} |", f"| training | {training} |",
+             f"| evaluated on | {evaluated} |"]
+    if report.get("detector"):
+        lines.append(f"| detector | UAD, threshold {report['detector']['threshold']:.4f} "
+                     f"(calibrated on clean validation scans) |")
+    for name, info in (report.get("attack_settings") or {}).items():
+        budgets = ", ".join(f"{e:g}" for e in info.get("budgets", []))
+        lines.append(f"| {name} | {info['description']}; {'L2' if info['norm'] == 'l2' else 'L-inf'} budgets {budgets} |")
+    if report.get("adaptive") and report.get("detector"):
+        weights = ", ".join(f"{w:g}" for w in (report.get("settings") or {}).get("weights", []))
+        lines.append(f"| adaptive | PGD/APGD on classifier + detector, detector weights {weights} |")
+    if report.get("seconds") is not None:
+        lines.append(f"| compute time | {report['seconds']:.0f} s |")
+    lines.append(f"| command | `{report.get('command', '')}` |")
+    return lines + [""]
+
+
+def _attack_table(report: dict, name: str, norm: str) -> list[str]:
+    by_eps = report["attacks"][name]
+    size = "max L2" if norm == "l2" else "max L-inf"
+    lines = [f"#### {name}", "",
+             "| ε | robust acc. | attack success | det. AUROC | TPR at threshold | system risk | "
+             f"classifier-only risk | adaptive system risk | adaptive det. AUROC | {size} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for eps, e in by_eps.items():
+        a = e.get("adaptive") or {}
+        ci = e.get("ci95") or {}
+        lines.append(f"| {eps} | {_ci(e['robust_accuracy'], ci.get('robust_accuracy'))} | "
+                     f"{_ci(e['attack_success_rate'], ci.get('attack_success_rate'))} | {_f(e['detection_auroc'])} | "
+                     f"{_ci(e['tpr_at_fpr'], ci.get('tpr_at_fpr'))} | {_ci(e['system_risk'], ci.get('system_risk'))} | "
+                     f"{_ci(e['classifier_only_risk'], ci.get('classifier_only_risk'))} | "
+                     f"{_ci(a.get('system_risk'), a.get('system_risk_ci95'))} | {_f(a.get('detection_auroc'))} | "
+                     f"{_f(e.get('max_l2' if norm == 'l2' else 'max_linf'), 4)} |")
+    return lines + [""]
+
+
+def _min_norm_section(report: dict) -> list[str]:
+    lines = []
+    for name, info in (report.get("min_norm") or {}).items():
+        unit = "L2" if info["norm"] == "l2" else "L-inf"
+        lines += [f"## Minimum-norm curve: {name} ({unit})", "",
+                  f"{name} searches each image's smallest adversarial perturbation, so one run gives robust accuracy "
+                  f"at every budget: the fraction of images whose smallest adversary found is larger than ε (or "
+                  f"none was found). Median smallest {unit} perturbation over clean-correct images: "
+                  f"{_f(info.get('median_clean_correct'), 4)}; none found for {info.get('not_found', 0)} of them. "
+                  "The robust-accuracy plot draws the whole curve.", ""]
+        check = (report.get("min_norm_crosscheck") or {}).get(name)
+        if check:
+            others = sorted({k for row in check.values() for k in row if k != name})
+            lines += [f"Cross-check at the grid points (a minimum-norm attack is usually a little weaker than a "
+                      f"bounded attack at a fixed budget):", "",
+                      f"| ε | {name} | " + " | ".join(others) + " |", "|---|---|" + "---|" * len(others)]
+            for eps, row in check.items():
+                lines.append(f"| {eps} | {_f(row.get(name))} | " + " | ".join(_f(row.get(o)) for o in others) + " |")
+            lines.append("")
+    return lines
 
 
 def _parts_table(report: dict) -> list[str]:
@@ -65,3 +158,10 @@ def _parts_table(report: dict) -> list[str]:
     if not rows:
         return []
     return ["| attack | ε | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)] + rows
+
+
+def small_sample_warning(n: int) -> str | None:
+    if n >= SMALL_SAMPLE:
+        return None
+    return (f"only {n} images were evaluated (fewer than {SMALL_SAMPLE}): every proportion below is uncertain by "
+            "several points (see the confidence intervals); evaluate on more images before comparing models.")

@@ -1,18 +1,21 @@
-"""The attacks `python -m medrobust.evaluate` runs, by name, with their default strengths.
+"""The attacks `python -m medrobust.evaluate` runs, by name, with their norms and default strengths.
 
-All budgets are L-inf in [0, 1] pixel scale. Carlini-Wagner is an L2 attack: at budget eps it is projected
-onto the L2 ball of radius eps * sqrt(pixels), the L2 size of a full-strength L-inf perturbation, so
-each column of the report compares attacks that may move every pixel by eps.
+Each attack is reported under its own threat model: FGSM, PGD, APGD, Square and FMN are L-inf attacks
+(budget eps in [0, 1] pixel scale: every pixel may move by eps); Carlini-Wagner is an L2 attack, reported
+against L2 budgets (the Euclidean length of the whole perturbation, pixel units), never in an L-inf table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-import numpy as np
+from medrobust.evaluation.adaptive import DEFAULT_WEIGHTS
 
-ATTACK_NAMES = ("fgsm", "pgd", "apgd", "cw", "square")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "cw", "square", "fmn")
+DEFAULT_ATTACKS = ("fgsm", "pgd", "apgd", "cw", "square", "fmn")
 GRADIENT_ATTACKS = ("pgd", "apgd")  # the ones with an adaptive (classifier + detector) version
+NORMS = {"fgsm": "linf", "pgd": "linf", "apgd": "linf", "square": "linf", "fmn": "linf", "cw": "l2"}
+MINIMUM_NORM = ("fmn", "cw")  # run once; every budget is read off the smallest adversarial found
 
 
 @dataclass
@@ -22,15 +25,34 @@ class AttackSettings:
     cw_steps: int = 100
     cw_search_steps: int = 5
     square_queries: int = 1000
+    fmn_steps: int = 100
     seed: int = 0
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS
+
+    def describe(self, name: str) -> str:
+        """One line saying exactly what attack `name` is (for report.md)."""
+        return {
+            "fgsm": "FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps, cross-entropy",
+            "pgd": f"PGD-{self.pgd_steps} (Madry et al. 2018): L-inf, cross-entropy, one random start, "
+                   f"step 2.5 eps / {self.pgd_steps}",
+            "apgd": f"APGD-CE-{self.apgd_steps} (Croce & Hein 2020): L-inf, cross-entropy, one random start",
+            "cw": f"Carlini-Wagner L2 (2017): {self.cw_search_steps} binary-search steps x {self.cw_steps} Adam "
+                  "steps, minimal perturbation projected onto each L2 budget",
+            "square": f"Square Attack (Andriushchenko et al. 2020): L-inf, score-based black box, "
+                      f"{self.square_queries} queries per image",
+            "fmn": f"FMN-L-inf-{self.fmn_steps} (Pintor et al. 2021): minimum-norm, one run gives every budget",
+        }[name]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "weights": list(self.weights)}
 
 
 def make_attack(name: str, classifier, settings: AttackSettings, objective_fn=None, success_fn=None):
-    """attack(x, y, eps) for a named attack; objective_fn/success_fn make PGD/APGD adaptive."""
-    from medrobust.attacks import PGD, fgsm
-    from medrobust.attacks.apgd import APGD
-    from medrobust.attacks.cw import CarliniWagnerL2
-    from medrobust.attacks.square import SquareAttack, keras_predict_fn
+    """The attack object for a name: PGD/APGD/FGSM/SquareAttack take (x, y, eps) (x_init too, except
+    FGSM); FMN and CarliniWagnerL2 are minimum-norm (their `find` gives every budget at once).
+    objective_fn/success_fn make PGD/APGD adaptive."""
+    from medrobust.attacks import APGD, FMN, PGD, CarliniWagnerL2, SquareAttack, fgsm
+    from medrobust.attacks.square import keras_predict_fn
 
     if name == "fgsm":
         return fgsm(classifier)
@@ -39,8 +61,10 @@ def make_attack(name: str, classifier, settings: AttackSettings, objective_fn=No
     if name == "apgd":
         return APGD(classifier, steps=settings.apgd_steps, loss="ce", objective_fn=objective_fn, success_fn=success_fn)
     if name == "cw":
-        cw = CarliniWagnerL2(classifier, steps=settings.cw_steps, binary_search_steps=settings.cw_search_steps)
-        return lambda x, y, eps: cw(x, y, np.asarray(eps, np.float32) * np.sqrt(np.prod(np.shape(x)[1:])))
+        return CarliniWagnerL2(classifier, steps=settings.cw_steps, binary_search_steps=settings.cw_search_steps)
     if name == "square":
-        return SquareAttack(keras_predict_fn(classifier), n_queries=settings.square_queries, seed=settings.seed)
+        return SquareAttack(keras_predict_fn(classifier), n_queries=settings.square_queries, seed=settings.seed,
+                            output="logits")
+    if name == "fmn":
+        return FMN(classifier, norm="linf", steps=settings.fmn_steps)
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACK_NAMES)}")
