@@ -17,6 +17,7 @@ from medrobust.io import atomic_save_model, atomic_write_json, package_versions,
 
 METHODS = ("ssat", "standard", "pgd_at", "trades")
 ATTACKS = ("fgsm", "pgd")
+SSAT_LOSSES = ("ce", "trades")
 STRATEGIES = ("none", "mirrored", "multiworker")
 LR_SCHEDULES = ("cosine", "constant")
 ARCHS = ("auto", "small_cnn", "strided_cnn", "mobilenet_v3_small", "resnet18")  # medrobust.models.ARCHITECTURES
@@ -36,8 +37,9 @@ RUN_FOLDER_FILES = {"detector": ("autoencoder.keras", "detector.json", "stats.np
 
 
 def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, epochs: str = "auto",
-          image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float = 3.0,
-          attack: str = "fgsm", detector="true", seed: int = 0, arch: str = "auto", width: int | None = None,
+          image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float | None = None,
+          attack: str | None = None, ssat_loss: str = "ce", detector="true", seed: int = 0, arch: str = "auto",
+          width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
@@ -58,9 +60,13 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         augmentation, 15 epochs underfit; README, "Training on real scans"); 16 on the phantom.
       image_size: side of the square grayscale input in pixels (OCTMNIST: 28, 64, 128 or 224).
       out: run folder to write (classifier.keras, detector/, config.json, metrics.json, training_log.csv).
-      eps: SSAT's per-sample FGSM/PGD budget range "min,max" in [0, 1] pixel scale (a single value = fixed).
-      lam: weight of SSAT's adversarial pseudo-label loss (>= 0).
-      attack: fgsm | pgd, how SSAT crafts its adversaries (pgd uses --pgd-steps).
+      eps: SSAT's (--ssat-loss ce) per-sample budget range "min,max" in [0, 1] pixel scale (one value = fixed).
+      lam: weight of SSAT's unlabeled-batch loss (>= 0; default 3 for --ssat-loss ce, 1 for trades).
+      attack: fgsm | pgd, how SSAT crafts its adversaries (pgd uses --pgd-steps); default fgsm for
+        --ssat-loss ce, pgd for trades.
+      ssat_loss: ce (the paper: lam * CE on adversaries of pseudo-labeled unlabeled scans) | trades
+        (robust self-training, Carmon et al. 2019: TRADES on labeled and pseudo-labeled scans, with
+        --train-eps, --pgd-steps and --beta as TRADES); see medrobust/training/ssat.py.
       detector: true | false: also fit the UAD detector on clean training images (no labels).
       seed: random seed (data split, label subset, initialisation, shuffling).
       arch: small_cnn | resnet18 (see medrobust.models).
@@ -71,8 +77,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       lr_schedule: cosine (Adam's learning rate decays to 0 over all epochs) | constant. The decay
         also settles BatchNorm's moving statistics, so the final model is not a mid-swing snapshot.
       pgd_steps: PGD iterations for --attack pgd, PGD-AT and TRADES.
-      train_eps: the budget of PGD-AT and TRADES adversaries ([0, 1] pixel scale).
-      beta: TRADES trade-off weight.
+      train_eps: the budget of PGD-AT, TRADES and SSAT --ssat-loss trades adversaries ([0, 1] pixel scale).
+      beta: TRADES (and SSAT --ssat-loss trades) trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
       teacher: where SSAT's pseudo-labels come from: snapshot (a frozen copy of the model taken after
         --pretrain-epochs of labeled-only training), none (the current model; unstable, see
@@ -96,7 +102,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     """
     options = dict(locals())
     options.update(
-        method=_choice(method, METHODS, "method"), attack=_choice(attack, ATTACKS, "attack"),
+        method=_choice(method, METHODS, "method"), ssat_loss=_choice(ssat_loss, SSAT_LOSSES, "ssat-loss"),
+        attack=None if attack is None else _choice(attack, ATTACKS, "attack"),
         strategy=_choice(strategy, STRATEGIES, "strategy"), arch=_choice(arch, ARCHS, "arch"),
         eps=cli.parse_floats(eps, "eps"),
         lr_schedule=_choice(lr_schedule, LR_SCHEDULES, "lr-schedule"),
@@ -171,7 +178,8 @@ def _train(o: dict, out_dir: Path) -> dict:
         options = {**trainer_options(o, load_classifier, steps), "class_weights": recipe["class_weights"]}
         trainer = make_trainer(o["method"], classifier, **options)
         if o["method"] == "ssat":
-            print(f"ssat: {options['pretrain_steps']} labeled-only steps, then lam {o['lam']} with pseudo-labels "
+            print(f"ssat ({o['ssat_loss']}, {trainer.attack}): {options['pretrain_steps']} labeled-only steps, "
+                  f"then lam {trainer.lam} with pseudo-labels "
                   f"from {o['teacher'] if options['teacher'] is not None else 'the current model'}")
         trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(o, steps)))
         # BackupAndRestore needs built weights and optimizer slots to restore into.
@@ -247,14 +255,16 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
     """The keyword arguments each method's Trainer takes, from the CLI options."""
     if o["method"] == "ssat":
         eps = o["eps"] if len(o["eps"]) == 2 else (o["eps"][0], o["eps"][0])
+        trades = o.get("ssat_loss", "ce") == "trades"  # RST: TRADES' budget, steps and beta
         teacher = o.get("teacher")
         if teacher is None or str(teacher).lower() == "none":
             teacher = None
         elif teacher != "snapshot":
             teacher = load_classifier(teacher)
         pretrain = min(float(o.get("pretrain_epochs", 0.0)), o.get("epochs", 0) / 2)
-        return dict(eps_range=eps, lam=o["lam"], attack=o["attack"], pgd_steps=o["pgd_steps"],
-                    confidence=o["confidence"], teacher=teacher,
+        return dict(eps_range=(o["train_eps"],) * 2 if trades else eps, lam=o["lam"], attack=o["attack"],
+                    pgd_steps=o["pgd_steps"], confidence=o["confidence"], teacher=teacher,
+                    loss=o.get("ssat_loss", "ce"), beta=o.get("beta", 6.0),
                     # A snapshot needs at least one labeled-only step, even for a one-batch epoch.
                     pretrain_steps=max(int(teacher == "snapshot"), round(pretrain * steps_per_epoch)))
     if o["method"] == "pgd_at":
@@ -405,7 +415,7 @@ def _check_numbers(o: dict) -> None:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
     if not o["lr"] > 0:
         raise cli.UsageError(f"--lr must be > 0, got {o['lr']}")
-    if o["lam"] < 0 or o["pretrain_epochs"] < 0:
+    if (o["lam"] is not None and o["lam"] < 0) or o["pretrain_epochs"] < 0:
         raise cli.UsageError(f"--lam and --pretrain-epochs must be >= 0, got {o['lam']} and {o['pretrain_epochs']}")
     if o["method"] == "ssat" and o["teacher"] == "snapshot" and o["pretrain_epochs"] == 0:
         raise cli.UsageError("--teacher snapshot needs --pretrain-epochs > 0 (or pass --teacher none or a path)")
