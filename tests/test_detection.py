@@ -216,16 +216,14 @@ def test_load_rejects_a_broken_folder_or_the_wrong_classifier(detector, tmp_path
 def test_score_model_and_score_tensor_agree_with_score(detector, phantom):
     import tensorflow as tf
 
-    from medrobust.detection import SCORE_NAMES
-
     x = phantom["test"][0][:128]
     ref = detector.score(x)
     model = detector.score_model()
     outputs = model(x, training=False)
-    assert list(model.output_names) == list(SCORE_NAMES)
+    assert list(model.output_names) == list(detector.score_names)
     tensors = detector.score_tensor(tf.constant(x))
-    assert set(tensors) == set(SCORE_NAMES)
-    for name, out in zip(SCORE_NAMES, outputs):
+    assert set(tensors) == set(detector.score_names)
+    for name, out in zip(detector.score_names, outputs):
         scale = max(1.0, float(np.abs(ref[name]).max()))
         np.testing.assert_allclose(np.asarray(out), ref[name], atol=1e-5 * scale, err_msg=name)
         np.testing.assert_allclose(tensors[name].numpy(), ref[name], atol=1e-5 * scale, err_msg=name)
