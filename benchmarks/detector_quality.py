@@ -20,8 +20,8 @@ Run mode (real scans, a trained run; the reference):
    system risk plain and adaptive (95% Clopper-Pearson intervals).
 4. A bright-only attacker: PGD whose perturbation is confined to the pixels outside the residual part's
    dark region (so the noise-residual score cannot see it), plain and adaptive.
-5. --split val picks the candidate with the lowest adaptive system risk at the largest eps (then at the
-   others, then fewer parts) and writes it to the .json next to --out. --split test needs --choice (a
+5. --split val picks the candidate with the lowest sum over eps of the adaptive system risk (then fewer
+   parts) and writes it to the .json next to --out. --split test needs --choice (a
    .json written on val): the test split is only evaluated for a choice fixed beforehand, plus the
    all-parts and legacy detectors for the per-part table and the baseline.
 
@@ -51,7 +51,7 @@ SUBSETS = {
     "no_ae": ("mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual", "squeeze_bits", "squeeze_median",
               "boundary"),
 }
-DEFAULT_CANDIDATES = "legacy:max,all:max,all:sum_positive,all:max_all,no_ae:max,no_ae:sum_positive,no_ae:max_all"
+DEFAULT_CANDIDATES = "legacy:max,all:max,all:sum_positive,no_ae:max,boundary+squeeze_bits:max_all"
 
 
 def parse_args(argv=None):
@@ -243,8 +243,8 @@ def run_mode(args) -> str:
 
 
 def select(results: dict, eps_list, adaptive: bool):
-    """The candidate with the lowest (adaptive if measured) system risk at the largest eps, then at the
-    smaller ones, then with fewer parts."""
+    """The candidate with the lowest sum over eps of the (adaptive, if measured) system risk, then with fewer
+    parts (cheaper on the edge)."""
     key_name = "adaptive system risk" if adaptive else "system risk"
 
     def risk(r, e):
@@ -252,10 +252,10 @@ def select(results: dict, eps_list, adaptive: bool):
         v = entry["adaptive"]["system_risk"] if adaptive and "adaptive" in entry else entry["system_risk"]
         return 1.0 if v is None else v
 
-    order = sorted(results, key=lambda n: ([risk(results[n], e) for e in sorted(eps_list, reverse=True)],
+    order = sorted(results, key=lambda n: (round(sum(risk(results[n], e) for e in eps_list), 9),
                                            len(results[n]["parts"])))
-    criterion = (f"lowest {key_name} on val at eps {max(eps_list):g}, ties broken by the smaller eps, then by "
-                 "fewer parts; threshold from clean val at the target false-referral rate")
+    criterion = (f"lowest sum over eps {', '.join(f'{e * 255:.3g}/255' for e in eps_list)} of the {key_name} on val, "
+                 "ties broken by fewer parts; each threshold from clean val at the target false-referral rate")
     return order[0], criterion
 
 

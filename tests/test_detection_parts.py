@@ -231,6 +231,9 @@ def test_every_part_has_a_nonzero_gradient(detector, phantom):
         grad = tape.gradient(total, x).numpy()
         assert np.all(np.isfinite(grad)), name
         assert (np.abs(grad).reshape(len(grad), -1).max(axis=1) > 0).all(), name
+    out = detector.score_tensor(x, with_logits=True)  # the adaptive attack reads the logits of the same pass
+    assert set(out) == set(detector.score_names) | {"logits"}
+    np.testing.assert_allclose(out["logits"].numpy(), detector.classifier(x, training=False).numpy(), atol=1e-4)
 
 
 @pytest.mark.slow

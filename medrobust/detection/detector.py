@@ -289,11 +289,15 @@ class Detector:
     def combination(self) -> str:
         return self.config["combination"]
 
-    def score_tensor(self, x) -> dict[str, tf.Tensor]:
+    def score_tensor(self, x, with_logits: bool = False) -> dict[str, tf.Tensor]:
         """All scores of a batch x [n, s, s, 1] as tensors {'combined', *parts}: pure and differentiable
-        (bit-depth squeezing by BPDA), for use inside a GradientTape."""
+        (bit-depth squeezing by BPDA), for use inside a GradientTape. with_logits=True adds 'logits', the
+        classifier's logits at x from the same forward pass (an adaptive attack then needs no separate
+        classifier call)."""
         x = tf.convert_to_tensor(x, tf.float32)
-        return self._graph(x, lambda m, v: m(v, training=False))
+        out = self._graph(x, lambda m, v: m(v, training=False))
+        logits = out.pop("logits")
+        return {**out, "logits": logits} if with_logits else out
 
     def score(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Scores of every image as float32 numpy arrays [n], keyed like score_tensor."""
@@ -347,11 +351,11 @@ class Detector:
                 combined = z["boundary"] if anomaly is None else ops.maximum(z["boundary"], anomaly)
             else:
                 combined = anomaly
-        return {"combined": combined, **{name: parts[name] for name in self.parts}}
+        return {"combined": combined, **{name: parts[name] for name in self.parts}, "logits": parts["logits"]}
 
     def _parts_graph(self, x, call) -> dict:
         raw = self._raw_graph(x, call)
-        out = {name: raw[name] for name in self.parts if name != "feature"}
+        out = {name: raw[name] for name in (*self.parts, "logits") if name != "feature"}
         if "feature" in self.parts:
             scales = self.config["feature_scales"]
             out["feature"] = raw["divergence"] / scales["divergence"] + raw["distance"] / scales["distance"]
@@ -380,7 +384,7 @@ class Detector:
         features_all = ops.reshape(outs[1], (k, -1, outs[1].shape[-1]))
         features = features_all[0]
         block = {name: 1 + i for i, (name, _) in enumerate(extra)}  # which block of the batch holds what
-        raw = {}
+        raw = {"logits": logits}
         if rec is not None:
             raw["reconstruction"] = S.reconstruction_error(x, rec)
         if "feature" in parts:
