@@ -25,8 +25,9 @@ Run mode (real scans, a trained run; the reference):
    classifier-only risk, system risk plain and adaptive (95% Clopper-Pearson intervals).
 4. A bright-only attacker: PGD whose perturbation is confined to the pixels outside the residual part's
    dark region (so the noise-residual score cannot see it), plain and adaptive.
-5. --split val picks the candidate with the lowest sum over eps of the adaptive system risk (then fewer
-   parts) and writes it to the .json next to --out. --split test needs --choice (a
+5. --split val picks, among the candidates that flag >= 95% of every kind of non-OCT input (noise,
+   inverted scans, smooth blobs, checkerboards), the one with the lowest sum over eps of the adaptive system
+   risk (then fewer parts) and writes it to the .json next to --out. --split test needs --choice (a
    .json written on val): the test split is only evaluated for a choice fixed beforehand, plus the
    all-parts and legacy detectors for the per-part table and the baseline.
 
@@ -208,6 +209,7 @@ def run_mode(args) -> str:
         results[name] = {"parts": list(parts), "combination": rule, "threshold": det.threshold,
                          "val_fpr": det.config["val_fpr"], "clean_accuracy": entries.pop("clean_accuracy"),
                          "clean_false_referral_rate": entries.pop("clean_false_referral_rate"),
+                         "off_distribution_flag_rate": entries.pop("off_distribution_flag_rate"),
                          "n": int(len(y)), "seconds": round(time.time() - t0, 1), "eps": entries}
         if name.startswith("all:") and not per_part:
             per_part = {"candidate": name, "eps": entries}
@@ -259,6 +261,23 @@ def resolve_kappas(text: str, clf, x_val, y_val) -> list[float]:
         elif item:
             out.append(float(item))
     return sorted(set(out))
+
+
+def off_distribution_images(x: np.ndarray, n: int = 100, seed: int = 1) -> dict[str, np.ndarray]:
+    """Inputs that are not OCT B-scans, made from the split's scans where possible (as in
+    tests/test_detection.py): uniform noise, inverted scans, smooth blobs, checkerboards; float32 [n, s, s, 1]."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    n = min(n, len(x))
+    s = x.shape[1]
+    blobs = ndimage.gaussian_filter(rng.random((n, s, s, 1)), (0, s / 10, s / 10, 0))
+    lo, hi = blobs.min(axis=(1, 2, 3), keepdims=True), blobs.max(axis=(1, 2, 3), keepdims=True)
+    yy, xx = np.mgrid[:s, :s]
+    checker = np.stack([(((yy // k) + (xx // k)) % 2)[..., None] for k in rng.integers(2, max(3, s // 4), n)])
+    out = {"uniform noise": rng.random((n, s, s, 1)), "inverted scan": 1.0 - x[:n],
+           "smooth blobs": (blobs - lo) / (hi - lo), "checkerboard": checker}
+    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def adaptive_objective(det, weight, kappa, effective=None):
@@ -318,7 +337,9 @@ def evaluate_candidate(clf, det, x, y, args, weights, kappas) -> dict:
     idx = np.flatnonzero(correct)
     n_correct = len(idx)
     out = {"clean_accuracy": float(correct.mean()),
-           "clean_false_referral_rate": float(np.mean(clean["combined"] > det.threshold))}
+           "clean_false_referral_rate": float(np.mean(clean["combined"] > det.threshold)),
+           "off_distribution_flag_rate": {k: float(det.predict(v).mean())
+                                          for k, v in off_distribution_images(x).items()}}
     wv, kv = tf.Variable(0.0, trainable=False), tf.Variable(0.0, trainable=False)
     plain_attack = make_gradient_attack(args.attack, clf, args.steps)
     adaptive_attack = make_gradient_attack(args.attack, clf, args.steps, *adaptive_objective(det, wv, kv))
@@ -362,9 +383,10 @@ def evaluate_candidate(clf, det, x, y, args, weights, kappas) -> dict:
     return out
 
 
-def select(results: dict, eps_list, adaptive: bool):
-    """The candidate with the lowest sum over eps of the (adaptive, if measured) system risk, then with fewer
-    parts (cheaper on the edge)."""
+def select(results: dict, eps_list, adaptive: bool, min_ood: float = 0.95):
+    """Among the candidates that flag at least `min_ood` of every kind of non-OCT input (what the UAD
+    detector promised before: docs/security.md), the one with the lowest sum over eps of the (adaptive, if
+    measured) system risk, then with fewer parts (cheaper on the edge). If none qualifies, all compete."""
     key_name = "adaptive system risk" if adaptive else "system risk"
 
     def risk(r, e):
@@ -372,10 +394,13 @@ def select(results: dict, eps_list, adaptive: bool):
         v = entry["adaptive"]["system_risk"] if adaptive and "adaptive" in entry else entry["system_risk"]
         return 1.0 if v is None else v
 
-    order = sorted(results, key=lambda n: (round(sum(risk(results[n], e) for e in eps_list), 9),
-                                           len(results[n]["parts"])))
-    criterion = (f"lowest sum over eps {', '.join(f'{e * 255:.3g}/255' for e in eps_list)} of the {key_name} on val, "
-                 "ties broken by fewer parts; each threshold from clean val at the target false-referral rate")
+    eligible = [n for n, r in results.items() if min(r["off_distribution_flag_rate"].values()) >= min_ood]
+    order = sorted(eligible or list(results), key=lambda n: (round(sum(risk(results[n], e) for e in eps_list), 9),
+                                                             len(results[n]["parts"])))
+    criterion = (f"lowest sum over eps {', '.join(f'{e * 255:.3g}/255' for e in eps_list)} of the {key_name} on val "
+                 f"among the candidates flagging >= {min_ood:g} of every kind of non-OCT input"
+                 + ("" if eligible else " (none did: all compared)")
+                 + ", ties broken by fewer parts; each threshold from clean val at the target false-referral rate")
     return order[0], criterion
 
 
@@ -489,12 +514,13 @@ def report_lines(args, data, config, clf, full, results, per_part, selection, ch
     lines += [f"## Candidates: system risk on {split}", "",
               "System risk = share of correctly classified clean images whose attacked version is misclassified "
               "and not flagged (95% Clopper-Pearson interval); classifier-only = misclassified.", ""]
-    head = "| candidate | threshold | clean false-referral | " + " | ".join(
+    head = "| candidate | threshold | clean false-referral | non-OCT flagged (min over kinds) | " + " | ".join(
         f"{float(e) * 255:.3g}/255 classifier-only | {float(e) * 255:.3g}/255 plain"
         + (f" | {float(e) * 255:.3g}/255 **adaptive**" if adaptive else "") for e in args.eps_list) + " | seconds |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
-        cells = [f"{r['threshold']:.3f}", fmt(r["clean_false_referral_rate"])]
+        cells = [f"{r['threshold']:.3f}", fmt(r["clean_false_referral_rate"]),
+                 fmt(min(r["off_distribution_flag_rate"].values()), 2)]
         for e in args.eps_list:
             entry = r["eps"][f"{e:g}"]
             nc = entry.get("n_clean_correct") or 0
