@@ -24,7 +24,8 @@ Run mode (real scans, a trained run; the reference):
    worst (kappa, w) against the whole all-parts detector). Per candidate: clean false-referral rate,
    classifier-only risk, system risk plain and adaptive (95% Clopper-Pearson intervals).
 4. A bright-only attacker: PGD whose perturbation is confined to the pixels outside the residual part's
-   dark region (so the noise-residual score cannot see it), plain and adaptive.
+   dark region (so the noise-residual score cannot see it), plain and adaptive, against the chosen
+   candidate (or, if it has no residual part, the first candidate that has).
 5. --split val picks, among the candidates that flag >= 95% of every kind of non-OCT input (noise,
    inverted scans, smooth blobs, checkerboards), the one with the lowest sum over eps of the adaptive system
    risk (then fewer parts) and writes it to the .json next to --out. --split test needs --choice (a
@@ -219,6 +220,8 @@ def run_mode(args) -> str:
     if args.split == "val":
         selection = select(results, args.eps_list, adaptive)
     target = selection[0] if selection else candidates[0][0]
+    if "residual" not in dets[target].parts:  # measure it where the residual part is in play
+        target = next((n for n in dets if "residual" in dets[n].parts), target)
     if args.bright_only == "true" and "residual" in dets[target].parts:
         log(f"bright-only attacker against {target}")
         results[target]["bright_only"] = bright_only(clf, dets[target], x, y, args, weights if adaptive else (),
