@@ -187,11 +187,14 @@ def _int8(converter, calibration, scope: str, saved_model_dir: str) -> bytes:
 
 
 _LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED")
-_PASS_THROUGH_OPS = ("PAD", "PADV2", "RESHAPE")
+# Padding and reshapes, and the element-wise ops and batch concatenation of the detector's input
+# transforms (bit-depth squeezing runs the classifier on [x, squeeze(x)] in one batch).
+_PASS_THROUGH_OPS = ("PAD", "PADV2", "RESHAPE", "CONCATENATION", "MUL", "DIV", "ADD", "SUB", "ROUND")
 
 
 def first_layer_tensors(float_model: bytes) -> list[str]:
-    """Output tensor names of the layers that read the model input (through padding / reshapes)."""
+    """Output tensor names of the layers that read the model input (through padding, reshapes and the
+    element-wise input transforms of _PASS_THROUGH_OPS)."""
     interpreter, _ = tflite_runner(float_model)
     tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()  # no public API lists the operators
@@ -391,12 +394,14 @@ class _ImageReader:
 # probability arithmetic, means such as global average pooling, softmax, reshapes) stays float32 here too.
 ONNX_INT8_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MaxPool", "AveragePool", "Relu")
 # Ops between the image and the first layer that only move or reshape it (tf2onnx's NHWC -> NCHW).
-_ONNX_PASS_THROUGH_OPS = ("Reshape", "Transpose", "Pad", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten")
+_ONNX_PASS_THROUGH_OPS = ("Reshape", "Transpose", "Pad", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten",
+                          "Concat", "Mul", "Div", "Add", "Sub", "Round")
 
 
 def onnx_first_layer_nodes(proto) -> list[str]:
     """Names of the layer nodes (ONNX_INT8_OPS) that read the graph's image input, directly or through
-    reshapes / transposes / padding: the ONNX counterpart of `first_layer_tensors`."""
+    reshapes / transposes / padding / element-wise input transforms: the ONNX counterpart of
+    `first_layer_tensors`."""
     init = {i.name for i in proto.graph.initializer}
     frontier = {i.name for i in proto.graph.input if i.name not in init}
     names: list[str] = []

@@ -25,6 +25,8 @@ ARCH_MIN_SIZE = {"mobilenet_v3_small": 32}  # medrobust.models.mobilenet.MIN_SIZ
 STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
 AUGMENT = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
+DETECTOR_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
+                  "squeeze_bits", "squeeze_median", "boundary")  # medrobust.detection.ALL_PARTS (checked before TF loads)
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
 # What this command writes into --out (and all --overwrite may remove): files, and folders with the
@@ -44,7 +46,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
           lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
           teacher: str | None = "snapshot", pretrain_epochs: float = 3.0, strategy: str = "none",
-          detector_epochs: int = 10, target_fpr: float = 0.05, augment: str = "auto", class_weight: str = "balanced",
+          detector_epochs: int = 10, target_fpr: float = 0.05, detector_parts: str = "default", augment: str = "auto", class_weight: str = "balanced",
           weights: str | None = None, overwrite="false", tensorboard="false", progress="true") -> dict:
     """Train a classifier with the chosen method and, unless --detector false, the UAD detector.
 
@@ -86,7 +88,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       pretrain_epochs: SSAT's labeled-only epochs before its adversarial loss switches on (at most half
         of --epochs).
       strategy: none | mirrored | multiworker (tf.distribute).
-      detector_epochs: training epochs of the detector's autoencoder.
+      detector_epochs: training epochs of the detector's autoencoder (only when its parts use it).
+      detector_parts: default (mahalanobis, squeeze_bits, boundary: chosen on kermany/val, README
+        "Detection") or a comma-separated subset of reconstruction, feature, mahalanobis,
+        mahalanobis_early, mahalanobis_middle, residual, squeeze_bits, squeeze_median, boundary.
       target_fpr: detector false-alarm rate on clean validation images.
       arch: auto (small_cnn below 64 px, strided_cnn from 64 px: measured in README, "Training on real
         scans") | small_cnn | strided_cnn | mobilenet_v3_small | resnet18 (see medrobust/models).
@@ -106,6 +111,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         attack=None if attack is None else _choice(attack, ATTACKS, "attack"),
         strategy=_choice(strategy, STRATEGIES, "strategy"), arch=_choice(arch, ARCHS, "arch"),
         eps=cli.parse_floats(eps, "eps"),
+        detector_parts=("default" if str(detector_parts).strip().lower() == "default"
+                        else ",".join(cli.parse_names(detector_parts, "detector-parts", DETECTOR_PARTS))),
         lr_schedule=_choice(lr_schedule, LR_SCHEDULES, "lr-schedule"),
         detector=cli.parse_bool(detector, "detector"), overwrite=cli.parse_bool(overwrite, "overwrite"),
         tensorboard=cli.parse_bool(tensorboard, "tensorboard"), progress=cli.parse_bool(progress, "progress"),
@@ -222,8 +229,9 @@ def _train(o: dict, out_dir: Path) -> dict:
     if o["detector"]:
         from medrobust.detection import train_detector
 
+        parts = None if o["detector_parts"] == "default" else o["detector_parts"].split(",")
         metrics.update(train_detector(classifier, data, out_dir, epochs=o["detector_epochs"], seed=o["seed"],
-                                      target_fpr=o["target_fpr"], progress=o["progress"]))
+                                      target_fpr=o["target_fpr"], parts=parts, progress=o["progress"]))
     atomic_write_json(out_dir / "metrics.json", metrics)
     print(f"wrote {out_dir}")
     return metrics

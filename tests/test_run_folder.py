@@ -20,7 +20,7 @@ from medrobust import cli
 
 UMASK = 0o027  # neither the usual 0022 nor mkstemp's 0600, so the test sees which one files follow
 TINY = ["--data", "phantom", "--method", "standard", "--label-fraction", "0.1", "--epochs", "1", "--width", "8",
-        "--detector-epochs", "1"]
+        "--detector-epochs", "1", "--detector-parts", "reconstruction,feature,mahalanobis,boundary"]
 
 
 def _train(*args, env=None):
@@ -49,7 +49,8 @@ def test_a_start_that_failed_before_its_first_epoch_does_not_block_the_corrected
 def test_every_output_file_follows_the_umask(tiny_run):
     out, _, rerun = tiny_run
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert {"config.json", "metrics.json", "detector.json", "stats.npz", "classifier.keras"} <= {p.name for p in files}
+    assert {"config.json", "metrics.json", "detector.json", "stats.npz", "classifier.keras",
+            "autoencoder.keras"} <= {p.name for p in files}
     modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(0o666 & ~UMASK)}, modes
 

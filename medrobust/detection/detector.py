@@ -1,37 +1,51 @@
 """UAD: unsupervised adversarial (and out-of-distribution) detection for an OCT classifier.
 
-A `Detector` watches one classifier f (image -> logits, with a penultimate layer "features") and
-gives every image four anomaly scores, each higher = more suspicious:
+A `Detector` watches one classifier f (image -> logits, with a penultimate layer "features") and gives
+every image a set of anomaly scores ("parts"), each higher = more suspicious. Every part is fitted on
+clean images only, with no labels (class statistics use the classes f predicts):
 
-- reconstruction: mean squared error between x and AE(x), AE a small denoising autoencoder trained
-  on clean images only (no labels);
-- feature: disagreement of the classifier with itself on x and on AE(x): Jensen-Shannon divergence of
-  the softmaxes plus the L2 distance of the penultimate features (each divided by its mean on clean
-  training images);
+- reconstruction: mean squared error between x and AE(x), AE a small denoising autoencoder trained on
+  clean images (MagNet-style, Meng & Chen 2017);
+- feature: disagreement of f with itself on x and on AE(x): Jensen-Shannon divergence of the softmaxes
+  plus the L2 distance of the penultimate features (each divided by its mean on clean training images);
 - mahalanobis: Mahalanobis distance of f's penultimate features to the nearest class-conditional
-  Gaussian (shared covariance, Lee et al. 2018), fitted on clean training images with the classes the
-  classifier predicts (so no labels are needed);
-- boundary: -log of the top-1 minus top-2 logit margin, i.e. how close the features sit to one of the
-  classifier's decision hyperplanes. Minimal-perturbation attacks (PGD that keeps the first
-  misclassified iterate) leave their adversaries just across a boundary.
+  Gaussian (shared Ledoit-Wolf covariance; Lee, Lee, Lee & Shin, NeurIPS 2018);
+- mahalanobis_early, mahalanobis_middle: the same on the spatially averaged feature maps of an early and a
+  middle layer (Lee et al. 2018's multi-layer scores; layers chosen by `taps.default_taps`): the early
+  maps still see the pixel noise that a small perturbation adds;
+- residual: energy of the high-pass residual x - median3x3(x) in the image's dark region (the vitreous
+  above the retina and the deep tissue below, estimated per image; scores.dark_residual_energy): an L-inf
+  perturbation covers the whole image, where clean OCT has only speckle;
+- squeeze_bits, squeeze_median: feature squeezing (Xu, Evans & Qi, NDSS 2018): the L1 distance between
+  softmax(f(x)) and softmax(f(squeeze(x))), squeeze = bit-depth reduction to `squeeze_bits` bits (default 5),
+  resp. the max over 2x2 and 3x3 median smoothing. Xu et al. take one max over all squeezers; they are two
+  parts here because on real scans their clean distances differ by an order of magnitude (the median
+  squeezers' dominate a joint max) and only bit-depth reduction separated adversaries (benchmarks/
+  detector_quality.py). Bit-depth reduction is differentiated by BPDA (Athalye, Carlini & Wagner, ICML
+  2018; straight-through identity), so an adaptive attacker sees its true influence, not a zero gradient;
+- boundary: -log of the top-1 minus top-2 logit margin: how close x sits to one of f's decision
+  hyperplanes. Minimal-perturbation attacks leave their adversaries just across a boundary.
 
-The parts are standardised on clean validation images (reconstruction, feature and mahalanobis on a
-log scale) and combined into `combined` by the rule `combination`:
+Which parts a detector computes is `config["parts"]` (`Detector.fit(parts=...)`); the parts are
+standardised on clean validation images (positive, heavy-tailed parts on a log scale) and combined into
+`combined` by the rule `combination`:
 
-- "max" (default): max(z_boundary, z_anomaly), where z_anomaly is the standardised sum of the positive
-  parts of the three other z-scores (an "is this a normal OCT scan at all" score);
-- "sum": sum of the four z-scores;
-- "max_all": max of the four z-scores.
+- "max" (default): max(z_boundary, z_anomaly), z_anomaly the standardised sum of the positive parts of
+  the other z-scores (an "is this a normal OCT scan at all" score);
+- "sum": sum of the z-scores;
+- "max_all": max of the z-scores (a Bonferroni-style union of one-part tests);
+- "sum_positive": the standardised sum of the positive parts of all z-scores (a Fisher-style pooling of
+  one-sided evidence).
 
-A flag is raised when combined > threshold, the split-conformal (1 - target_fpr) quantile of
-combined on clean validation images (scores.threshold_at_fpr: at most target_fpr false alarms). Everything in the score is TensorFlow/Keras ops: `score_tensor` is differentiable
-(adaptive attacks) and `score_model()` is a plain Keras graph (TFLite export).
+A flag is raised when combined > threshold, the split-conformal (1 - target_fpr) quantile of combined on
+clean validation images (scores.threshold_at_fpr: at most target_fpr false alarms). Everything in the
+score is TensorFlow/Keras ops: `score_tensor` is differentiable (adaptive attacks) and `score_model()` is a
+plain Keras graph (TFLite export; filters are min/max networks and slices, no sort or pad op).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import sys
 import time
@@ -44,45 +58,109 @@ from keras import layers, ops
 
 from medrobust.detection import scores as S
 from medrobust.detection.autoencoder import build_autoencoder, train_autoencoder
+from medrobust.detection.taps import TAP_NAMES, default_taps, flat_layers, stage_ends, tap_model
 from medrobust.io import atomic_save_model, atomic_write_bytes, atomic_write_json, package_versions, read_json
-from medrobust.models import feature_model
 
-PARTS = ("reconstruction", "feature", "mahalanobis", "boundary")
-SCORE_NAMES = ("combined",) + PARTS
-LOG_PARTS = ("reconstruction", "feature", "mahalanobis")  # positive, heavy-tailed: standardised as log
-COMBINATIONS = ("max", "sum", "max_all")
-FORMAT = "medrobust-uad/1"
+ALL_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
+             "squeeze_bits", "squeeze_median", "boundary")
+LEGACY_PARTS = ("reconstruction", "feature", "mahalanobis", "boundary")  # what a medrobust-uad/1 detector has
+# Default of Detector.fit (and so of `python -m medrobust.train`), chosen on kermany/val by
+# benchmarks/detector_quality.py --run (lowest adaptive system risk at 1/255 and 2/255 while flagging every
+# kind of non-OCT input): the autoencoder parts were at chance on real scans, bit-depth squeezing and the
+# boundary margin carry the detection.
+DEFAULT_PARTS = ("mahalanobis", "squeeze_bits", "boundary")
+PARTS = DEFAULT_PARTS
+SCORE_NAMES = ("combined",) + DEFAULT_PARTS
+AE_PARTS = ("reconstruction", "feature")
+LOG_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
+             "squeeze_bits", "squeeze_median")  # positive, heavy-tailed: standardised as log(score + floor)
+# An L1 change of the softmax below 0.001 carries no information (and its log would dominate the spread).
+LOG_FLOORS = {"squeeze_bits": 1e-3, "squeeze_median": 1e-3}
+COMBINATIONS = ("max", "sum", "max_all", "sum_positive")
+SQUEEZE_BITS = 5  # Xu et al. 2018's choice for 8-bit natural images (CIFAR-10, ImageNet)
+MEDIAN_SQUEEZERS = ("median2", "median3")
+RESIDUAL_DEFAULTS = {"dark_fraction": 0.5, "softness": 0.02, "background": 5}
+FORMAT, LEGACY_FORMAT = "medrobust-uad/2", "medrobust-uad/1"
 AUTOENCODER_FILE, CONFIG_FILE, STATS_FILE = "autoencoder.keras", "detector.json", "stats.npz"
 BOUNDARY_DELTA = 0.01
-STAT_ARRAYS = ("means", "precision", "whitening")
+GAUSSIAN_ARRAYS = ("means", "precision", "whitening")
+# stats.npz keys: penultimate Gaussians as in format /1, the tapped layers' with a prefix ("early_means", ...)
+STAT_PREFIX = {"mahalanobis": "", "mahalanobis_early": "early_", "mahalanobis_middle": "middle_"}
 
 
 class Detector:
     """Unsupervised adversarial detector for one classifier. Build it with `Detector.fit` or `Detector.load`."""
 
-    def __init__(self, classifier: keras.Model, autoencoder: keras.Model, stats: dict[str, np.ndarray],
+    def __init__(self, classifier: keras.Model, autoencoder: keras.Model | None, stats: dict[str, np.ndarray],
                  config: dict):
         self.classifier = classifier
-        self.autoencoder = autoencoder
-        self.stats = {k: np.asarray(stats[k], np.float32) for k in STAT_ARRAYS}
         self.config = dict(config)
-        self._features = feature_model(classifier)
+        self.config.setdefault("parts", list(LEGACY_PARTS))
+        parts = self.parts
+        unknown = [p for p in parts if p not in ALL_PARTS]
+        if unknown or not parts or len(set(parts)) != len(parts):
+            raise ValueError(f"parts must be distinct names from {', '.join(ALL_PARTS)}, got {parts}")
+        self.autoencoder = autoencoder if any(p in AE_PARTS for p in parts) else None
+        if self.autoencoder is None and any(p in AE_PARTS for p in parts):
+            raise ValueError(f"parts {', '.join(p for p in parts if p in AE_PARTS)} need the autoencoder")
+        self.stats = {k: np.asarray(v, np.float32) for k, v in stats.items() if k in self._stat_keys()}
+        missing = [k for k in self._stat_keys() if k not in self.stats]
+        if missing:
+            raise ValueError(f"the detector's statistics lack {', '.join(missing)}")
+        self._taps = self._resolve_taps(classifier)
+        self._model = tap_model(classifier, self._taps)  # x -> [logits, features, *tap maps]
         # Compiled scorers; the Python floats of self.config are baked in when traced, so every config
         # change resets them.
         self._compiled = self._parts_fn = self._raw_fn = None
         self._check_shapes()
+
+    def _resolve_taps(self, classifier: keras.Model) -> dict[str, str]:
+        """The tapped layers by name; a classifier whose layers carry other names (Keras numbers unnamed
+        layers per session) is tapped at the same stage-end position instead, and _check_shapes then
+        verifies the dimensions."""
+        names = {layer.name for layer in flat_layers(classifier)}
+        taps = {}
+        for name in TAP_NAMES:
+            if f"mahalanobis_{name}" not in self.parts:
+                continue
+            layer = self.config["taps"][name]
+            if layer not in names:
+                ends, index = stage_ends(classifier), self.config.get("tap_stages", {}).get(name)
+                if index is None or index >= len(ends):
+                    raise ValueError(f"the classifier has no layer {layer!r} (the detector's {name} tap) and no "
+                                     "stage end at its position: wrong classifier for these features?")
+                layer = ends[index]
+            taps[name] = layer
+        return taps
+
+    def _stat_keys(self) -> list[str]:
+        return [STAT_PREFIX[p] + k for p in self.parts if p in STAT_PREFIX for k in GAUSSIAN_ARRAYS]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.config["parts"])
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        return ("combined",) + self.parts
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def fit(cls, classifier: keras.Model, x_train: np.ndarray, x_val: np.ndarray, epochs: int = 10,
             seed: int = 0, target_fpr: float = 0.05, combination: str = "max", y_train: np.ndarray | None = None,
             batch_size: int = 64, noise_std: float = 0.03, ae_width: int = 16, ae_latent: int = 4,
+            parts=DEFAULT_PARTS, taps: dict[str, str] | None = None, squeeze_bits: int = SQUEEZE_BITS,
             progress: bool = False) -> "Detector":
         """Fit the detector on clean images: the autoencoder and the class Gaussians on x_train, the
         standardisation and threshold on x_val (keep x_val apart from x_train).
 
+        parts: which scores to compute and combine (see the module docstring); the autoencoder is trained only
+        when reconstruction or feature is among them. taps: {'early': layer name, 'middle': layer name} for
+        the multi-layer Mahalanobis parts (default `taps.default_taps(classifier)`). squeeze_bits: grey-level
+        bits (1..7) of the squeeze_bits part.
         y_train is optional; without it the Gaussians use the classes the classifier predicts, so the
-        whole fit needs no labels. Calls keras.utils.set_random_seed(seed).
+        whole fit needs no labels. Calls keras.utils.set_random_seed(seed). Raises ValueError for a bad
+        shape, option or too few images, before any training.
         """
         _check_images(x_train, "x_train")
         _check_images(x_val, "x_val")
@@ -91,45 +169,88 @@ class Detector:
         _check_choice(combination, COMBINATIONS, "combination")
         if not 0 < target_fpr < 1:
             raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+        parts = list(parts)
+        for p in parts:
+            _check_choice(p, ALL_PARTS, "part")
+        if not (isinstance(squeeze_bits, (int, np.integer)) and 1 <= squeeze_bits <= 7):
+            raise ValueError(f"squeeze_bits must be an integer in 1..7, got {squeeze_bits!r}")
         keras.utils.set_random_seed(seed)
         started = time.time()
         image_size = int(x_train.shape[1])
-        fm = feature_model(classifier)
-        logits, features = _predict(fm, x_train)
+        tapped = [name for name in TAP_NAMES if f"mahalanobis_{name}" in parts]
+        taps = dict(taps) if taps else (default_taps(classifier) if tapped else {})
+        missing = [name for name in tapped if name not in taps]
+        if missing:
+            raise ValueError(f"taps must name a layer for {', '.join(missing)}, got {taps}")
+        taps = {name: taps[name] for name in tapped}
+        model = tap_model(classifier, taps)
+        outs = _predict(model, x_train)
+        logits = outs[0]
         labels = logits.argmax(axis=1) if y_train is None else np.asarray(y_train)
-        gaussians = S.fit_class_gaussians(features, labels, num_classes=logits.shape[1])
+        stats, shrinkage = {}, {}
+        layer_features = {"mahalanobis": outs[1],
+                          **{f"mahalanobis_{name}": outs[2 + i] for i, name in enumerate(taps)}}
+        for part, feats in layer_features.items():
+            if part not in parts:
+                continue
+            g = S.fit_class_gaussians(feats, labels, num_classes=logits.shape[1])
+            stats.update({STAT_PREFIX[part] + k: g[k] for k in GAUSSIAN_ARRAYS})
+            shrinkage[part] = float(g["shrinkage"])
         if progress:
-            print(f"detector: class Gaussians on {len(x_train)} clean training features "
-                  f"(dim {features.shape[1]}, Ledoit-Wolf shrinkage {float(gaussians['shrinkage']):.3g}); "
-                  f"training the autoencoder for {epochs} epochs", flush=True)
-        autoencoder = build_autoencoder(image_size, width=ae_width, latent=ae_latent)
-        history = train_autoencoder(autoencoder, x_train, epochs=epochs, batch_size=batch_size,
-                                    noise_std=noise_std, seed=seed,
-                                    verbose=(1 if sys.stdout.isatty() else 2) if progress else 0)
+            print(f"detector: parts {', '.join(parts)}; class Gaussians on {len(x_train)} clean training images "
+                  f"({', '.join(f'{p} dim {layer_features[p].shape[1]}' for p in shrinkage)})", flush=True)
+        autoencoder, history = None, None
         config = {
-            "format": FORMAT, "image_size": image_size, "num_classes": int(logits.shape[1]),
-            "feature_dim": int(features.shape[1]), "gaussian_labels": "predicted" if y_train is None else "given",
-            "ledoit_wolf_shrinkage": float(gaussians["shrinkage"]), "boundary_delta": BOUNDARY_DELTA,
-            "autoencoder": {"width": ae_width, "latent": ae_latent, "epochs": int(epochs), "noise_std": noise_std,
-                            "batch_size": batch_size, "params": int(autoencoder.count_params()),
-                            "final_loss": float(history["loss"][-1])},
+            "format": FORMAT, "parts": parts, "image_size": image_size, "num_classes": int(logits.shape[1]),
+            "feature_dim": int(outs[1].shape[1]), "gaussian_labels": "predicted" if y_train is None else "given",
+            "ledoit_wolf_shrinkage": shrinkage, "boundary_delta": BOUNDARY_DELTA, "taps": taps,
+            "tap_dims": {name: int(outs[2 + i].shape[1]) for i, name in enumerate(taps)},
+            "tap_stages": {name: stage_ends(classifier).index(layer) for name, layer in taps.items()
+                           if layer in stage_ends(classifier)},
+            "squeeze_bits": int(squeeze_bits), "residual": dict(RESIDUAL_DEFAULTS),
             "n_train": int(len(x_train)), "seed": int(seed), "classifier": classifier.name,
             # Placeholders until calibrate(): the feature part divides by these, so set them first.
             "feature_scales": {"divergence": 1.0, "distance": 1.0},
         }
-        detector = cls(classifier, autoencoder, gaussians, config)
-        # Feature-part scales: mean divergence and feature distance on (up to 2000) clean training images.
-        sub = x_train[np.random.default_rng(seed).permutation(len(x_train))[:2000]]
-        raw = detector._raw_parts(sub)
-        detector.config["feature_scales"] = {"divergence": max(float(raw["divergence"].mean()), 1e-12),
-                                             "distance": max(float(raw["distance"].mean()), 1e-12)}
+        if any(p in AE_PARTS for p in parts):
+            if progress:
+                print(f"detector: training the autoencoder for {epochs} epochs", flush=True)
+            autoencoder = build_autoencoder(image_size, width=ae_width, latent=ae_latent)
+            history = train_autoencoder(autoencoder, x_train, epochs=epochs, batch_size=batch_size,
+                                        noise_std=noise_std, seed=seed,
+                                        verbose=(1 if sys.stdout.isatty() else 2) if progress else 0)
+            config["autoencoder"] = {"width": ae_width, "latent": ae_latent, "epochs": int(epochs),
+                                     "noise_std": noise_std, "batch_size": batch_size,
+                                     "params": int(autoencoder.count_params()),
+                                     "final_loss": float(history["loss"][-1])}
+        detector = cls(classifier, autoencoder, stats, config)
+        if "feature" in parts:
+            # Feature-part scales: mean divergence and feature distance on (up to 2000) clean training images.
+            sub = x_train[np.random.default_rng(seed).permutation(len(x_train))[:2000]]
+            raw = detector._raw_parts(sub)
+            detector.config["feature_scales"] = {"divergence": max(float(raw["divergence"].mean()), 1e-12),
+                                                 "distance": max(float(raw["distance"].mean()), 1e-12)}
         detector.calibrate(x_val, target_fpr=target_fpr, combination=combination)
         detector.config["fit_seconds"] = round(time.time() - started, 2)
         if progress:
-            print(f"detector: autoencoder MSE {history['loss'][-1]:.5f}; threshold {detector.threshold:.4f} "
-                  f"({combination} rule, target FPR {target_fpr:g} on {len(x_val)} clean validation images)",
-                  flush=True)
+            ae = f"autoencoder MSE {history['loss'][-1]:.5f}; " if history else ""
+            print(f"detector: {ae}threshold {detector.threshold:.4f} ({combination} rule, target FPR "
+                  f"{target_fpr:g} on {len(x_val)} clean validation images)", flush=True)
         return detector
+
+    def with_parts(self, parts, x_val: np.ndarray, combination: str | None = None,
+                   target_fpr: float | None = None) -> "Detector":
+        """A detector that computes and combines only `parts` (a subset of this one's), sharing this one's
+        autoencoder and statistics, calibrated afresh on clean x_val. Raises ValueError for a part this
+        detector was not fitted with."""
+        parts = list(parts)
+        absent = [p for p in parts if p not in self.parts]
+        if absent or not parts:
+            raise ValueError(f"parts must be a non-empty subset of {', '.join(self.parts)}, got {parts}")
+        config = {**self.config, "parts": parts,
+                  "taps": {k: v for k, v in self.config.get("taps", {}).items() if f"mahalanobis_{k}" in parts}}
+        return Detector(self.classifier, self.autoencoder, self.stats, config).calibrate(
+            x_val, target_fpr=target_fpr, combination=combination or self.config.get("combination", "max"))
 
     def calibrate(self, x_val: np.ndarray, target_fpr: float | None = None,
                   combination: str | None = None) -> "Detector":
@@ -143,20 +264,18 @@ class Detector:
             raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
         self._compiled = self._parts_fn = None
         parts = self._parts_numpy(x_val)
-        standardise = {}
-        for name in PARTS:
-            v = np.log(np.maximum(parts[name], 1e-12)) if name in LOG_PARTS else parts[name]
-            standardise[name] = list(S.location_scale(v))
+        standardise = {name: list(S.location_scale(_log_np(name, parts[name]))) for name in self.parts}
         self.config.update(standardise=standardise, combination=combination, target_fpr=target_fpr,
                            anomaly=[0.0, 1.0], threshold=math.inf)
-        if combination == "max":
+        pooled = _pooled_parts(self.parts, combination)
+        if pooled:
             z = self._z_numpy(parts)
-            excess = sum(np.maximum(z[name], 0.0) for name in LOG_PARTS)
+            excess = sum(np.maximum(z[name], 0.0) for name in pooled)
             self.config["anomaly"] = list(S.location_scale(excess))
         self._compiled = None
         combined = self.score(x_val)["combined"]
         self.config["threshold"] = S.threshold_at_fpr(combined, target_fpr)
-        self.config["part_thresholds"] = {name: S.threshold_at_fpr(parts[name], target_fpr) for name in PARTS}
+        self.config["part_thresholds"] = {name: S.threshold_at_fpr(parts[name], target_fpr) for name in self.parts}
         self.config["n_val"] = int(len(x_val))
         self.config["val_fpr"] = float(np.mean(combined > self.config["threshold"]))
         return self
@@ -175,10 +294,10 @@ class Detector:
         return self.config["combination"]
 
     def score_tensor(self, x, with_logits: bool = False) -> dict[str, tf.Tensor]:
-        """All scores of a batch x [n, s, s, 1] as tensors {'combined', 'reconstruction', 'feature',
-        'mahalanobis', 'boundary'}: pure and differentiable, for use inside a GradientTape.
-        with_logits=True adds 'logits', the classifier's logits at x from the same forward pass (an
-        adaptive attack then needs no separate classifier call)."""
+        """All scores of a batch x [n, s, s, 1] as tensors {'combined', *parts}: pure and differentiable
+        (bit-depth squeezing by BPDA), for use inside a GradientTape. with_logits=True adds 'logits', the
+        classifier's logits at x from the same forward pass (an adaptive attack then needs no separate
+        classifier call)."""
         x = tf.convert_to_tensor(x, tf.float32)
         out = self._graph(x, lambda m, v: m(v, training=False))
         logits = out.pop("logits")
@@ -191,8 +310,8 @@ class Detector:
             self._compiled = tf.function(self.score_tensor, reduce_retracing=True)
         outs = [self._compiled(tf.constant(x[i:i + batch_size], tf.float32)) for i in range(0, len(x), batch_size)]
         if not outs:
-            return {name: np.zeros(0, np.float32) for name in SCORE_NAMES}
-        return {name: np.concatenate([o[name].numpy() for o in outs]) for name in SCORE_NAMES}
+            return {name: np.zeros(0, np.float32) for name in self.score_names}
+        return {name: np.concatenate([o[name].numpy() for o in outs]) for name in self.score_names}
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """True where an image is flagged (combined score above the threshold)."""
@@ -200,16 +319,16 @@ class Detector:
 
     def part_flags(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per-part flags at each part's own (1 - target_fpr) validation quantile (single-score baselines)."""
-        return {name: scores[name] > self.config["part_thresholds"][name] for name in PARTS}
+        return {name: scores[name] > self.config["part_thresholds"][name] for name in self.parts}
 
     def score_model(self) -> keras.Model:
-        """A Keras model image -> [combined, reconstruction, feature, mahalanobis, boundary] (each [n],
-        in SCORE_NAMES order, output layers named likewise), built from the classifier, the autoencoder
-        and keras.ops; same numbers as score(). Built in memory: not meant to be saved as .keras."""
+        """A Keras model image -> [combined, *parts] (each [n], in score_names order, output layers named
+        likewise), built from the classifier, the autoencoder and keras.ops; same numbers as score().
+        Built in memory: not meant to be saved as .keras."""
         s = self.config["image_size"]
         inputs = keras.Input((s, s, 1), name="image")
         out = self._graph(inputs, lambda m, v: m(v))
-        outputs = [layers.Identity(name=name)(out[name]) for name in SCORE_NAMES]
+        outputs = [layers.Identity(name=name)(out[name]) for name in self.score_names]
         return keras.Model(inputs, outputs, name="uad_score")
 
     # -- the score graph (keras.ops only) -------------------------------------------------------------
@@ -217,39 +336,80 @@ class Detector:
         parts = self._parts_graph(x, call)
         c = self.config
         z = {}
-        for name in PARTS:
+        for name in self.parts:
             mean, std = c["standardise"][name]
-            v = S.log_score(parts[name]) if name in LOG_PARTS else parts[name]
+            v = S.log_score(parts[name] + LOG_FLOORS.get(name, 0.0)) if name in LOG_PARTS else parts[name]
             z[name] = (v - mean) / std
-        if c["combination"] == "sum":
-            combined = z["reconstruction"] + z["feature"] + z["mahalanobis"] + z["boundary"]
-        elif c["combination"] == "max_all":
-            combined = ops.max(ops.stack([z[name] for name in PARTS], axis=1), axis=1)
+        rule = c["combination"]
+        if rule == "sum":
+            combined = sum(z[name] for name in self.parts)
+        elif rule == "max_all":
+            combined = ops.max(ops.stack([z[name] for name in self.parts], axis=1), axis=1)
         else:
-            excess = ops.relu(z["reconstruction"]) + ops.relu(z["feature"]) + ops.relu(z["mahalanobis"])
-            anomaly = (excess - c["anomaly"][0]) / c["anomaly"][1]
-            combined = ops.maximum(z["boundary"], anomaly)
-        return {"combined": combined, **{name: parts[name] for name in PARTS}, "logits": parts["logits"]}
+            pooled = _pooled_parts(self.parts, rule)
+            anomaly = None
+            if pooled:
+                excess = sum(ops.relu(z[name]) for name in pooled)
+                anomaly = (excess - c["anomaly"][0]) / c["anomaly"][1]
+            if rule == "max" and "boundary" in self.parts:
+                combined = z["boundary"] if anomaly is None else ops.maximum(z["boundary"], anomaly)
+            else:
+                combined = anomaly
+        return {"combined": combined, **{name: parts[name] for name in self.parts}, "logits": parts["logits"]}
 
     def _parts_graph(self, x, call) -> dict:
         raw = self._raw_graph(x, call)
-        scales = self.config["feature_scales"]
-        feature = raw["divergence"] / scales["divergence"] + raw["distance"] / scales["distance"]
-        return {"reconstruction": raw["reconstruction"], "feature": feature, "mahalanobis": raw["mahalanobis"],
-                "boundary": raw["boundary"], "logits": raw["logits"]}
+        out = {name: raw[name] for name in (*self.parts, "logits") if name != "feature"}
+        if "feature" in self.parts:
+            scales = self.config["feature_scales"]
+            out["feature"] = raw["divergence"] / scales["divergence"] + raw["distance"] / scales["distance"]
+        return out
 
     def _raw_graph(self, x, call) -> dict:
-        rec = call(self.autoencoder, x)
-        logits, features = call(self._features, x)
-        logits_rec, features_rec = call(self._features, rec)
-        return {
-            "reconstruction": S.reconstruction_error(x, rec),
-            "divergence": S.js_divergence(logits, logits_rec),
-            "distance": S.l2_distance(features, features_rec),
-            "mahalanobis": S.mahalanobis_distance(features, self.stats["means"], self.stats["whitening"]),
-            "boundary": S.boundary_closeness(logits, self.config["boundary_delta"]),
-            "logits": logits,
-        }
+        """Every ingredient of the parts. The classifier runs once on x and once per extra input (the
+        reconstruction, each squeezed image), all in one batched call."""
+        parts, c = self.parts, self.config
+        extra = []  # (name, image batch) run through the classifier along with x
+        rec = None
+        if self.autoencoder is not None:
+            rec = call(self.autoencoder, x)
+            if "feature" in parts:
+                extra.append(("reconstruction", rec))
+        if "squeeze_bits" in parts:
+            extra.append(("squeeze_bits", S.bit_depth(x, c["squeeze_bits"])))
+        if "squeeze_median" in parts:
+            extra += [(q, S.SQUEEZERS[q](x)) for q in MEDIAN_SQUEEZERS]
+        batch = x if not extra else ops.concatenate([x] + [v for _, v in extra], axis=0)
+        outs = call(self._model, batch)
+        k = 1 + len(extra)
+        # [k * n, ...] -> k blocks of n; only x's block is needed for the feature maps.
+        logits_all = ops.reshape(outs[0], (k, -1, outs[0].shape[-1]))
+        logits = logits_all[0]
+        features_all = ops.reshape(outs[1], (k, -1, outs[1].shape[-1]))
+        features = features_all[0]
+        block = {name: 1 + i for i, (name, _) in enumerate(extra)}  # which block of the batch holds what
+        raw = {"logits": logits}
+        if rec is not None:
+            raw["reconstruction"] = S.reconstruction_error(x, rec)
+        if "feature" in parts:
+            raw["divergence"] = S.js_divergence(logits, logits_all[block["reconstruction"]])
+            raw["distance"] = S.l2_distance(features, features_all[block["reconstruction"]])
+        if "mahalanobis" in parts:
+            raw["mahalanobis"] = S.mahalanobis_distance(features, self.stats["means"], self.stats["whitening"])
+        for i, name in enumerate(self._taps):
+            part, prefix = f"mahalanobis_{name}", STAT_PREFIX[f"mahalanobis_{name}"]
+            pooled = ops.reshape(ops.mean(outs[2 + i], axis=(1, 2)), (k, -1, outs[2 + i].shape[-1]))[0]
+            raw[part] = S.mahalanobis_distance(pooled, self.stats[prefix + "means"], self.stats[prefix + "whitening"])
+        if "residual" in parts:
+            raw["residual"] = S.dark_residual_energy(x, **c.get("residual", RESIDUAL_DEFAULTS))
+        if "squeeze_bits" in parts:
+            raw["squeeze_bits"] = S.squeeze_distance(logits, logits_all[block["squeeze_bits"]])
+        if "squeeze_median" in parts:
+            d2, d3 = (S.squeeze_distance(logits, logits_all[block[q]]) for q in MEDIAN_SQUEEZERS)
+            raw["squeeze_median"] = ops.maximum(d2, d3)
+        if "boundary" in parts:
+            raw["boundary"] = S.boundary_closeness(logits, c["boundary_delta"])
+        return raw
 
     def _raw_parts(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """The unscaled ingredients (divergence and distance separately); used to fit the feature scales."""
@@ -260,51 +420,64 @@ class Detector:
         return {k: np.concatenate([o[k].numpy() for o in outs]) for k in outs[0]}
 
     def _parts_numpy(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """The four parts (no standardisation), traced afresh after each change of the feature scales."""
+        """The parts (no standardisation), traced afresh after each change of the feature scales."""
         if self._parts_fn is None:
             self._parts_fn = tf.function(lambda v: self._parts_graph(v, lambda m, t: m(t, training=False)),
                                          reduce_retracing=True)
         outs = [self._parts_fn(tf.constant(x[i:i + batch_size], tf.float32)) for i in range(0, len(x), batch_size)]
-        return {k: np.concatenate([o[k].numpy() for o in outs]) for k in PARTS}
+        return {k: np.concatenate([o[k].numpy() for o in outs]) for k in self.parts}
 
     def _z_numpy(self, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         z = {}
-        for name in PARTS:
+        for name in self.parts:
             mean, std = self.config["standardise"][name]
-            v = np.log(np.maximum(parts[name], 1e-12)) if name in LOG_PARTS else parts[name]
-            z[name] = ((v - mean) / std).astype(np.float32)
+            z[name] = ((_log_np(name, parts[name]) - mean) / std).astype(np.float32)
         return z
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write the folder path/ with autoencoder.keras, detector.json and stats.npz (no pickle)."""
+        """Write the folder path/ with detector.json, stats.npz and (when a part uses it) autoencoder.keras;
+        no pickle."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_save_model(self.autoencoder, path / AUTOENCODER_FILE)
+        if self.autoencoder is not None:
+            atomic_save_model(self.autoencoder, path / AUTOENCODER_FILE)
+        elif (path / AUTOENCODER_FILE).is_file():
+            (path / AUTOENCODER_FILE).unlink()  # a stale one from an earlier save to this folder
         buffer = io.BytesIO()
         np.savez(buffer, **self.stats)
         atomic_write_bytes(path / STATS_FILE, buffer.getvalue())
-        atomic_write_json(path / CONFIG_FILE, {**self.config, "score_names": list(SCORE_NAMES),
+        atomic_write_json(path / CONFIG_FILE, {**self.config, "score_names": list(self.score_names),
                                               "versions": package_versions()})
         return path
 
     @classmethod
     def load(cls, path, classifier: keras.Model) -> "Detector":
-        """Load a detector saved by `save` for this classifier (the .keras file with safe_mode=True)."""
+        """Load a detector saved by `save` for this classifier (the .keras file with safe_mode=True, the
+        arrays with allow_pickle=False). Reads formats medrobust-uad/2 and /1 (the four original parts).
+        Raises ValueError naming the file for a missing file, unknown format or missing array."""
         path = Path(path)
-        missing = [f for f in (AUTOENCODER_FILE, CONFIG_FILE, STATS_FILE) if not (path / f).is_file()]
+        missing = [f for f in (CONFIG_FILE, STATS_FILE) if not (path / f).is_file()]
         if missing:
             raise ValueError(f"{path}: not a saved detector (missing {', '.join(missing)})")
         config = read_json(path / CONFIG_FILE)
-        if config.get("format") != FORMAT:
+        if config.get("format") not in (FORMAT, LEGACY_FORMAT):
             raise ValueError(f"{path / CONFIG_FILE}: unknown detector format {config.get('format')!r} "
-                             f"(expected {FORMAT})")
-        autoencoder = keras.models.load_model(path / AUTOENCODER_FILE, compile=False, safe_mode=True)
+                             f"(expected {FORMAT} or {LEGACY_FORMAT})")
+        if config["format"] == LEGACY_FORMAT:
+            config["parts"] = list(LEGACY_PARTS)
+        parts = config.get("parts") or []
+        autoencoder = None
+        if any(p in AE_PARTS for p in parts):
+            if not (path / AUTOENCODER_FILE).is_file():
+                raise ValueError(f"{path}: not a saved detector (missing {AUTOENCODER_FILE})")
+            autoencoder = keras.models.load_model(path / AUTOENCODER_FILE, compile=False, safe_mode=True)
         with np.load(path / STATS_FILE, allow_pickle=False) as npz:
-            absent = [k for k in STAT_ARRAYS if k not in npz.files]
-            if absent:
-                raise ValueError(f"{path / STATS_FILE}: missing arrays {', '.join(absent)}")
-            stats = {k: npz[k] for k in STAT_ARRAYS}
+            stats = {k: npz[k] for k in npz.files}
+        needed = [STAT_PREFIX[p] + k for p in parts if p in STAT_PREFIX for k in GAUSSIAN_ARRAYS]
+        absent = [k for k in needed if k not in stats]
+        if absent:
+            raise ValueError(f"{path / STATS_FILE}: missing arrays {', '.join(absent)}")
         config.pop("versions", None)
         config.pop("score_names", None)
         return cls(classifier, autoencoder, stats, config)
@@ -312,27 +485,37 @@ class Detector:
     def _check_shapes(self) -> None:
         c = self.config
         s = c["image_size"]
-        for name, model in (("classifier", self.classifier), ("autoencoder", self.autoencoder)):
+        models = [("classifier", self.classifier)] + ([("autoencoder", self.autoencoder)] if self.autoencoder else [])
+        for name, model in models:
             if tuple(model.input_shape[1:]) != (s, s, 1):
                 raise ValueError(f"{name} takes images of shape {model.input_shape[1:]}, "
                                  f"the detector was fitted on ({s}, {s}, 1)")
-        d = int(self._features.output[1].shape[-1])
-        k = int(self._features.output[0].shape[-1])
-        expected = (c["num_classes"], c["feature_dim"])
-        if self.stats["means"].shape != expected or (k, d) != expected:
-            raise ValueError(f"the detector's class Gaussians are {self.stats['means'].shape} (classes, features) "
-                             f"but the classifier gives {k} classes and {d} features: wrong classifier?")
+        k = int(self._model.outputs[0].shape[-1])
+        dims = {"mahalanobis": int(self._model.outputs[1].shape[-1]),
+                **{f"mahalanobis_{name}": int(self._model.outputs[2 + i].shape[-1])
+                   for i, name in enumerate(self._taps)}}
+        if k != c["num_classes"]:
+            raise ValueError(f"the detector was fitted for {c['num_classes']} classes but the classifier gives {k}: "
+                             "wrong classifier?")
+        for part, d in dims.items():
+            if part not in self.parts:
+                continue
+            means = self.stats[STAT_PREFIX[part] + "means"]
+            if means.shape != (k, d):
+                raise ValueError(f"the detector's {part} class Gaussians are {means.shape} (classes, features) but "
+                                 f"the classifier gives {k} classes and {d} features: wrong classifier?")
 
 
 def train_detector(classifier: keras.Model, data, out_dir, epochs: int = 10, seed: int = 0,
-                   target_fpr: float = 0.05, progress: bool = True) -> dict:
+                   target_fpr: float = 0.05, parts=None, progress: bool = True) -> dict:
     """Fit a Detector on data['train'] images (no labels), calibrate on data['val'], save it to
-    out_dir/detector and return metrics (threshold and clean false-alarm rates on data['test'])."""
+    out_dir/detector and return metrics (threshold and clean false-alarm rates on data['test']).
+    parts: the detector's parts (default DEFAULT_PARTS)."""
     x_train, _ = data["train"]
     x_val, _ = data["val"]
     x_test, _ = data["test"]
     detector = Detector.fit(classifier, x_train, x_val, epochs=epochs, seed=seed, target_fpr=target_fpr,
-                            progress=progress)
+                            parts=DEFAULT_PARTS if parts is None else parts, progress=progress)
     saved = detector.save(Path(out_dir) / "detector")
     scores = detector.score(x_test)
     flags = scores["combined"] > detector.threshold
@@ -355,10 +538,29 @@ def train_detector(classifier: keras.Model, data, out_dir, epochs: int = 10, see
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-def _predict(fm: keras.Model, x: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, features) of x, batch by batch (eager: a single pass is not worth a trace)."""
-    outs = [fm(tf.constant(x[i:i + batch_size], tf.float32), training=False) for i in range(0, len(x), batch_size)]
-    return np.concatenate([o[0].numpy() for o in outs]), np.concatenate([o[1].numpy() for o in outs])
+def _predict(model: keras.Model, x: np.ndarray, batch_size: int = 128) -> list[np.ndarray]:
+    """The tap model's outputs for x, batch by batch: [logits, features, *spatially averaged tap maps]
+    (eager: a single pass is not worth a trace)."""
+    outs = []
+    for i in range(0, len(x), batch_size):
+        o = model(tf.constant(x[i:i + batch_size], tf.float32), training=False)
+        outs.append([o[0].numpy(), o[1].numpy()] + [ops.mean(t, axis=(1, 2)).numpy() for t in o[2:]])
+    return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+
+def _pooled_parts(parts, rule: str) -> list[str]:
+    """The parts whose positive z-scores are summed into the pooled anomaly score of rule "max" (all but
+    boundary) or "sum_positive" (all)."""
+    if rule == "max":
+        return [p for p in parts if p != "boundary"]
+    return list(parts) if rule == "sum_positive" else []
+
+
+def _log_np(name: str, v: np.ndarray) -> np.ndarray:
+    """The scale a part is standardised on (numpy twin of the graph's transform)."""
+    if name not in LOG_PARTS:
+        return np.asarray(v, np.float64)
+    return np.log(np.maximum(np.asarray(v, np.float64) + LOG_FLOORS.get(name, 0.0), 1e-12))
 
 
 def _check_images(x, name: str) -> None:

@@ -70,6 +70,109 @@ def log_score(s):
     return ops.log(ops.maximum(s, _TINY))
 
 
+def pooled_mahalanobis(feature_map, means, whitening):
+    """`mahalanobis_distance` of a layer's feature map [n, h, w, c] averaged over space to [n, c]
+    (the "mean of each channel" features of Lee et al. 2018 for intermediate layers)."""
+    return mahalanobis_distance(ops.mean(feature_map, axis=(1, 2)), means, whitening)
+
+
+# -- image filters (min/max networks: no sort, no padding op; TFLite MINIMUM/MAXIMUM/SLICE/CONCATENATION) --
+
+def _edge_pad(x, before: int, after: int):
+    """Replicate the border rows/columns of x [n, h, w, c] (concatenation of slices, no PAD op)."""
+    for axis in (1, 2):
+        size = x.shape[axis]
+        first = ops.take(x, [0] * before, axis=axis) if before else None
+        last = ops.take(x, [size - 1] * after, axis=axis) if after else None
+        x = ops.concatenate([t for t in (first, x, last) if t is not None], axis=axis)
+    return x
+
+
+def _windows(x, k: int):
+    """The k*k shifted views of x [n, h, w, c] ('valid' positions), row by row."""
+    h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+    return [x[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)]
+
+
+def median3x3(x):
+    """3x3 median filter of x [n, h, w, c] (borders replicated), same shape.
+
+    Median of 9 by the 19 compare-exchanges of the classic optimal network (Paeth 1990, "Median finding
+    on a 3x3 grid", Graphics Gems; as in N. Devillard's opt_med9): differentiable almost everywhere (the
+    gradient flows to the median pixel), and only MINIMUM/MAXIMUM ops in TFLite.
+    """
+    p = _windows(_edge_pad(x, 1, 1), 3)
+
+    def sort(a, b):
+        p[a], p[b] = ops.minimum(p[a], p[b]), ops.maximum(p[a], p[b])
+
+    for a, b in ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+                 (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2)):
+        sort(a, b)
+    return p[4]
+
+
+def median2x2(x):
+    """2x2 median filter (mean of the two middle values of each 2x2 window; the window reaches one pixel up
+    and left, borders replicated), same shape: the "median smoothing 2x2" squeezer of Xu et al. 2018."""
+    a, b, c, d = _windows(_edge_pad(x, 1, 0), 2)
+    lo = ops.minimum(ops.minimum(a, b), ops.minimum(c, d))
+    hi = ops.maximum(ops.maximum(a, b), ops.maximum(c, d))
+    return (a + b + c + d - lo - hi) * 0.5
+
+
+def box_filter(x, k: int):
+    """k x k moving average of x [n, h, w, c] (borders replicated), same shape."""
+    before = (k - 1) // 2
+    return ops.average_pool(_edge_pad(x, before, k - 1 - before), k, strides=1, padding="valid")
+
+
+def bit_depth(x, bits: int, bpda: bool = True):
+    """Reduce [0, 1] images to 2**bits grey levels: round(x * L) / L with L = 2**bits - 1 (Xu et al. 2018).
+
+    Rounding has zero gradient almost everywhere, which would mask the detector from a gradient attacker;
+    with bpda=True the backward pass is the identity (BPDA, Athalye, Carlini & Wagner 2018, straight-
+    through estimator): forward value round(x L) / L, gradient 1. stop_gradient is an identity in the
+    exported graph, so the TFLite value is the same.
+    """
+    levels = float(2 ** int(bits) - 1)
+    squeezed = ops.round(x * levels) / levels
+    return x + ops.stop_gradient(squeezed - x) if bpda else squeezed
+
+
+SQUEEZERS = {"median2": median2x2, "median3": median3x3,
+             **{f"bits{b}": (lambda x, b=b: bit_depth(x, b)) for b in range(1, 8)}}
+
+
+def squeeze_distance(logits, logits_squeezed):
+    """L1 distance between softmax(logits) and softmax(logits_squeezed), in [0, 2] (Xu et al. 2018)."""
+    return ops.sum(ops.abs(ops.softmax(logits, axis=-1) - ops.softmax(logits_squeezed, axis=-1)), axis=-1)
+
+
+def dark_residual_energy(x, dark_fraction: float = 0.5, softness: float = 0.02, background: int = 5):
+    """Mean squared high-pass residual x - median3x3(x) over the image's dark (low-signal) region.
+
+    The dark region is estimated per image, not a fixed mask: pixels whose 5x5 local mean b is below
+    dark_fraction times the image's mean intensity m (the vitreous above the retina and the deep
+    choroid/sclera below it, where clean OCT has only speckle). The mask is soft, w = sigmoid((dark_fraction
+    m - b) / (softness m)), so the score is differentiable in the mask too. Score = sum(w r^2) / sum(w), r the
+    residual. An L-inf perturbation that covers the whole image adds about its own energy there; natural
+    anatomy, which is bright, contributes little. x [n, h, w, 1] in [0, 1]; returns [n].
+    """
+    r = x - median3x3(x)
+    b = box_filter(x, background)
+    m = ops.mean(x, axis=(1, 2, 3), keepdims=True) + 1e-6
+    w = ops.sigmoid((dark_fraction * m - b) / (softness * m))
+    return ops.sum(w * ops.square(r), axis=(1, 2, 3)) / (ops.sum(w, axis=(1, 2, 3)) + 1e-6)
+
+
+def dark_mask(x, dark_fraction: float = 0.5, background: int = 5):
+    """The hard version of the dark-region mask of `dark_residual_energy` (bool [n, h, w, 1], numpy)."""
+    x = np.asarray(x, np.float32)
+    b = np.asarray(box_filter(x, background))
+    return b < dark_fraction * x.mean(axis=(1, 2, 3), keepdims=True)
+
+
 # -- fitting the statistics (numpy) -----------------------------------------------------------------
 
 def fit_class_gaussians(features: np.ndarray, labels: np.ndarray, num_classes: int,
