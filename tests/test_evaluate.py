@@ -58,6 +58,19 @@ def test_risk_with_detector_never_exceeds_classifier_only_risk(evaluation):
             assert entry["system_risk"] <= entry["classifier_only_risk"]
 
 
+def test_per_class_robust_sensitivity_adds_up_to_robust_accuracy(evaluation):
+    """robust_sensitivity[c] is the share of class c's images still right under attack, so weighting it
+    by the class counts (the confusion matrix's row sums) gives back robust_accuracy."""
+    report, _ = evaluation
+    counts = np.asarray(report["confusion_matrix"]).sum(axis=1)
+    for by_eps in report["attacks"].values():
+        for entry in by_eps.values():
+            sens = entry["robust_sensitivity"]
+            assert list(sens) == ["CNV", "DME", "DRUSEN", "NORMAL"]
+            total = sum(n * sens[c] for n, c in zip(counts, sens) if n)
+            assert total / counts.sum() == pytest.approx(entry["robust_accuracy"])
+
+
 def test_robust_accuracy_never_rises_with_the_budget(evaluation):
     """An image fooled at a smaller budget stays fooled at a larger one (the sweep keeps its adversary)."""
     report, _ = evaluation
@@ -243,7 +256,7 @@ def test_the_adaptive_objective_shares_one_pass_and_keeps_the_scores(phantom_sys
     x, y = tf.constant(x), tf.constant(y, tf.int32)
     plain = det.score_tensor(x)
     shared = det.score_tensor(x, with_logits=True)
-    assert set(plain) == {"combined", "reconstruction", "feature", "mahalanobis", "boundary"}
+    assert set(plain) == {"combined", *det.parts}
     for name in plain:
         np.testing.assert_array_equal(plain[name].numpy(), shared[name].numpy())
     np.testing.assert_allclose(shared["logits"].numpy(), clf(x, training=False).numpy(), rtol=1e-5, atol=1e-5)

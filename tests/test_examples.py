@@ -28,6 +28,13 @@ def test_compare_defenses_writes_one_table_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     data = json.loads((results / "results.json").read_text())
     assert [r["method"] for r in data["rows"]] == ["standard", "ssat + UAD"]
+    assert data["attacks"] == ["pgd", "apgd"]  # the default: PGD-20 and APGD-CE-100
+    for attack in ("pgd", "apgd"):
+        per = data["rows"][1]["attacks"][attack]
+        assert set(per["robust_sensitivity"]["0.00784314"]) == {"CNV", "DME", "DRUSEN", "NORMAL"}
+    # The strongest attack at each budget: never a higher robust accuracy than either attack alone.
+    for k, acc in data["rows"][1]["robust_accuracy"].items():
+        assert acc == min(data["rows"][1]["attacks"][a]["robust_accuracy"][k] for a in ("pgd", "apgd"))
     assert data["synthetic_data"] is True and data["n_test_images"] == 60
     assert data["eps"] == pytest.approx([0.002, 2 / 255])
     ssat = data["rows"][1]
@@ -42,4 +49,5 @@ def test_compare_defenses_writes_one_table_and_resumes(tmp_path):
 
     again = _run(runs, results)  # everything finished: reused, nothing trained or attacked again
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "already complete" in again.stdout and "robust acc" not in again.stdout
+    assert "evaluating " in first.stdout  # what medrobust.evaluate prints when it starts
+    assert "already complete" in again.stdout and "evaluating " not in again.stdout

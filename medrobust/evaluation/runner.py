@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from medrobust.classes import CLASSES
 from medrobust.evaluation.adaptive import joint_objective
 from medrobust.evaluation.metrics import clinical_metrics, detection_auroc, roc_points, wilson_ci
 from medrobust.evaluation.risk import clean_false_referral_rate, system_risk
@@ -232,6 +233,9 @@ class SystemEvaluator:
             "max_linf": float(np.abs(delta).max()) if n else 0.0,
             "max_l2": float(np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)).max()) if n else 0.0,
         }
+        # Per-class robust sensitivity: the share of each class's scans still diagnosed correctly under attack.
+        figures["robust_sensitivity"] = {c: float(np.mean(~wrong[self.y == k])) if np.any(self.y == k) else None
+                                         for k, c in enumerate(CLASSES)}
         ci = {"robust_accuracy": wilson_ci((~wrong).sum(), n), "attack_success_rate": wilson_ci(successful.sum(), n_cc)}
         if self.detector is None:
             flagged = np.zeros(n, bool)
