@@ -22,7 +22,7 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
       data: source of the int8 calibration images (default: the data the run was trained on; its train
         split).
       calibration: number of int8 calibration images.
-      int8_scope: mixed (default: int8 layers; float32 first layer and score arithmetic) | full (full-integer).
+      int8_scope: mixed (default: int8 layers; float32 first and last layers and score arithmetic) | full (full-integer).
       opset: ONNX opset (>= 17).
       recalibrate: set the threshold of quantized models (TFLite, ONNX int8) again on their own clean
         validation scores (true by default; quantization shifts the anomaly score).

@@ -64,8 +64,8 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
       data: where the int8 calibration images come from (default: the data the run was trained on); the
         calibration set is a seeded sample of its train split.
       calibration: number of calibration images (int8 only).
-      int8_scope: mixed (default: int8 layers, float32 for the first layer on the raw image and for
-        the score/probability arithmetic) | full (full-integer, every op int8, for integer-only
+      int8_scope: mixed (default: int8 layers, float32 for the first layer on the raw image, the last
+        layer(s) before the outputs and the score/probability arithmetic) | full (full-integer, every op int8, for integer-only
         accelerators). Applies to TFLite and ONNX int8 alike.
       opset: ONNX opset (>= 17).
       recalibrate: for quantized models (TFLite and ONNX int8), set the detector threshold again on the
@@ -450,7 +450,7 @@ def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_sourc
                           "float32 input and outputs (QUANTIZE/DEQUANTIZE inside the model)",
                 "int8_scope": int8_scope,
                 "float_op_types": [] if int8_scope == "full" else list(converters.FLOAT_OPS),
-                "float_layers": "none" if int8_scope == "full" else "the first layer(s) reading the raw image",
+                "float_layers": "none" if int8_scope == "full" else "the first layer(s) reading the raw image and the last layer(s) before the outputs",
                 "io_dtype": "float32",
             },
             "calibration": {"images": int(len(calib)), "source": calib_source, "seed": int(config.get("seed", 0))},
@@ -462,7 +462,7 @@ def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_sourc
                           "quantize/dequantize pair on any output)",
                 "int8_scope": int8_scope,
                 "quantized_op_types": list(converters.ONNX_INT8_OPS),
-                "float_layers": "none" if int8_scope == "full" else "the first layer(s) reading the raw image",
+                "float_layers": "none" if int8_scope == "full" else "the first layer(s) reading the raw image and the last layer(s) before the outputs",
                 "io_dtype": "float32"}
     elif quantize == "float16":
         quantization["tflite"] = {"scheme": "float16 weights (Optimize.DEFAULT, supported_types float16), float32 "

@@ -16,7 +16,11 @@ per-channel int8 weights):
   - the first layer that reads the raw image (the first convolution of the classifier and of the
     autoencoder: a few hundred weights and a small share of the compute): quantizing the image
     and that layer's output was the largest single source of error, about half of the logit error
-    of the whole int8 network, and
+    of the whole int8 network,
+  - the last layers, whose outputs reach a model output through score arithmetic only (the
+    logits' dense layer, the Mahalanobis whitening product): the anomaly parts (top-2 logit margin,
+    squeezed-vs-plain prediction change) are small differences of logits that int8 rounding of the
+    logits blurred (the usual first-and-last-layers-in-higher-precision recipe), and
   - the arithmetic that turns network outputs into the anomaly score and the class probabilities
     (differences, squares, sums and means, square roots, exp/log, softmax, min/max, comparisons:
     ``FLOAT_OPS``): a reconstruction error or a Mahalanobis distance computed on int8 tensors loses
@@ -177,16 +181,18 @@ def _int8(converter, calibration, scope: str, saved_model_dir: str) -> bytes:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         return converter.convert()
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    first = first_layer_tensors(tf.lite.TFLiteConverter.from_saved_model(saved_model_dir).convert())
+    float_model = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir).convert()
+    keep_float = first_layer_tensors(float_model)
+    keep_float += [name for name in last_layer_tensors(float_model) if name not in keep_float]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS),
-                                                            denylisted_nodes=first or None)
+                                                            denylisted_nodes=keep_float or None)
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_options=options,
         debug_dataset=lambda: ([calib[i:i + 1]] for i in range(min(8, len(calib)))))
     return debugger.get_nondebug_quantized_model()
 
 
-_LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED")
+_LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL")
 # Padding and reshapes, and the element-wise ops and batch concatenation of the detector's input
 # transforms (bit-depth squeezing runs the classifier on [x, squeeze(x)] in one batch).
 _PASS_THROUGH_OPS = ("PAD", "PADV2", "RESHAPE", "CONCATENATION", "MUL", "DIV", "ADD", "SUB", "ROUND")
@@ -212,6 +218,28 @@ def first_layer_tensors(float_model: bytes) -> list[str]:
                 reached.update(outs)
         if not reached:
             break
+        frontier = reached
+    return names
+
+
+def last_layer_tensors(float_model: bytes) -> list[str]:
+    """Output tensor names of the layers whose outputs reach a model output without passing through
+    another layer (only through score arithmetic): walked backwards from the outputs."""
+    interpreter, _ = tflite_runner(float_model)
+    tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    producer = {int(o): op for op in interpreter._get_ops_details() for o in op["outputs"]}
+    frontier, seen, names = {d["index"] for d in interpreter.get_output_details()}, set(), []
+    while frontier:
+        reached = set()
+        for t in frontier - seen:
+            seen.add(t)
+            op = producer.get(t)
+            if op is None:
+                continue
+            if op["op_name"] in _LAYER_OPS:
+                names += [tensors[int(o)] for o in op["outputs"] if tensors[int(o)] not in names]
+            else:
+                reached.update(int(i) for i in op["inputs"] if int(i) >= 0)
         frontier = reached
     return names
 
@@ -393,6 +421,7 @@ class _ImageReader:
 # output range, as TFLite fuses it into the layer). What TFLite keeps in float32 (FLOAT_OPS: the score and
 # probability arithmetic, means such as global average pooling, softmax, reshapes) stays float32 here too.
 ONNX_INT8_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MaxPool", "AveragePool", "Relu")
+_ONNX_LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Ops between the image and the first layer that only move or reshape it (tf2onnx's NHWC -> NCHW).
 _ONNX_PASS_THROUGH_OPS = ("Reshape", "Transpose", "Pad", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten",
                           "Concat", "Mul", "Div", "Add", "Sub", "Round")
@@ -416,6 +445,27 @@ def onnx_first_layer_nodes(proto) -> list[str]:
                 reached.update(node.output)
         if not reached:
             break
+        frontier = reached
+    return names
+
+
+def onnx_last_layer_nodes(proto) -> list[str]:
+    """Names of the layer nodes (Conv, ConvTranspose, MatMul, Gemm) whose outputs reach a graph output
+    without passing through another layer: the ONNX counterpart of `last_layer_tensors`."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    frontier, seen, names = {o.name for o in proto.graph.output}, set(), []
+    while frontier:
+        reached = set()
+        for t in frontier - seen:
+            seen.add(t)
+            node = producer.get(t)
+            if node is None:
+                continue
+            if node.op_type in _ONNX_LAYER_OPS:
+                if node.name not in names:
+                    names.append(node.name)
+            else:
+                reached.update(i for i in node.input if i)
         frontier = reached
     return names
 
@@ -490,8 +540,8 @@ def quantize_onnx_int8(model_bytes: bytes, calibration: np.ndarray, int8_scope: 
     `calibration`, per-channel symmetric int8 weights, int8 activations).
 
     int8_scope "mixed" (default) matches the TFLite mixed scope: the layers in ONNX_INT8_OPS run in int8
-    except the first layer(s) reading the raw image (`onnx_first_layer_nodes`), which stay float32 like
-    TFLite's; the score and probability arithmetic stays float32; and no graph output passes through a
+    except the first layer(s) reading the raw image (`onnx_first_layer_nodes`) and the last layer(s) before
+    the outputs (`onnx_last_layer_nodes`), which stay float32 like TFLite's; the score and probability arithmetic stays float32; and no graph output passes through a
     quantize/dequantize pair (the outputs are the float32 values of the last layer). "full" quantizes
     the first layers too (outputs stay float32). Input and outputs are float32 in both.
     """
@@ -517,6 +567,8 @@ def quantize_onnx_int8(model_bytes: bytes, calibration: np.ndarray, int8_scope: 
         onnx.save(proto, pre)
         input_name = proto.graph.input[0].name
         exclude = onnx_first_layer_nodes(proto) if int8_scope == "mixed" else []
+        if int8_scope == "mixed":
+            exclude += [n for n in onnx_last_layer_nodes(proto) if n not in exclude]
         if _own_weights(proto, exclude):
             onnx.save(proto, pre)
         with warnings.catch_warnings():
