@@ -26,7 +26,7 @@ setup(
         "cryptography>=42",  # Ed25519 bundle signatures (export.signing)
     ],
     # The TensorFlow-free screening runtime alone is its own distribution: `pip install ./edge`
-    # (medrobust-screen; numpy, Pillow, ai-edge-litert, cryptography), so a device needs no --no-deps.
+    # (medrobust-screen; numpy, Pillow, ai-edge-litert, cryptography, pydicom), so a device needs no --no-deps.
     extras_require={
         # JPEG Lossless / JPEG-LS / 12-bit JPEG DICOM (pylibjpeg-libjpeg is GPL-3, hence optional).
         "dicom-lossless": ["pylibjpeg>=2.0,<3", "pylibjpeg-libjpeg>=2.1,<3"],

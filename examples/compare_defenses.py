@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from medrobust import cli
+
+    cli.import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
     from medrobust.evaluate import evaluate
     from medrobust.evaluation.suite import ATTACK_NAMES
     from medrobust.train import METHODS, train

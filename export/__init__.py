@@ -11,6 +11,6 @@ screening runtime.
 
 Importing this package imports nothing heavy (no TensorFlow, no ONNX): the edge runtime
 (`export.runtime`, with `export.signing`) must run on devices that have only numpy, Pillow, the
-LiteRT interpreter and cryptography (`pip install ./edge`). The modules that need TensorFlow
+LiteRT interpreter, cryptography and pydicom (`pip install ./edge`). The modules that need TensorFlow
 (`converters`, `screening`, `bundle`, `verify`) import it inside their functions.
 """

@@ -77,7 +77,7 @@ def sign(bundle: str, key: str, passphrase_env: str | None = None) -> None:
     """
     from export.bundle import load_signing_key, sign_bundle
 
-    sign_bundle(bundle, load_signing_key(key, passphrase_env))
+    sign_bundle(bundle, load_signing_key(key, passphrase_env, option="--key"))
 
 
 def verify(bundle: str, data: str | None = None, limit: int | None = None, run: str | None = None,

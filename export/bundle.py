@@ -96,7 +96,7 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
                          log=(lambda msg: print(msg, flush=True)) if verbose else (lambda msg: None))
 
 
-def load_signing_key(path, passphrase_env: str | None = None):
+def load_signing_key(path, passphrase_env: str | None = None, option: str = "--signing-key"):
     """The Ed25519 private key at `path` (its passphrase from the environment variable `passphrase_env`);
     cli.UsageError with a one-line reason if it cannot be used."""
     from export import signing
@@ -110,7 +110,7 @@ def load_signing_key(path, passphrase_env: str | None = None):
     try:
         return signing.load_private_key(str(path), passphrase)
     except signing.SignatureError as exc:
-        raise cli.UsageError(f"--signing-key {exc}") from None
+        raise cli.UsageError(f"{option} {exc}") from None
 
 
 def sign_bundle(bundle_dir, key, log=print) -> dict:

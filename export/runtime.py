@@ -6,7 +6,8 @@
 
 Imports only the standard library, numpy, Pillow (through ``medrobust.data.images``), the LiteRT
 interpreter (``ai_edge_litert``, else ``tflite_runtime``), ``medrobust.classes`` and, to check a
-signature, ``cryptography`` -- never TensorFlow. ``pip install ./edge`` installs exactly that.
+signature, ``cryptography`` (and ``pydicom`` for DICOM input, export.dicom) -- never TensorFlow.
+``pip install ./edge`` installs exactly that.
 
 Before loading anything it checks, in order, and refuses the bundle with a one-line reason (exit
 status 2) at the first failure:

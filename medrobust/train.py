@@ -89,8 +89,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         of --epochs).
       strategy: none | mirrored | multiworker (tf.distribute).
       detector_epochs: training epochs of the detector's autoencoder (only when its parts use it).
-      detector_parts: default (mahalanobis, squeeze_bits, boundary: chosen on kermany/val, README
-        "Detection") or a comma-separated subset of reconstruction, feature, mahalanobis,
+      detector_parts: default (mahalanobis, squeeze_bits, boundary: chosen on kermany/val, see
+        docs/real_kermany/uad_parts_val.md) or a comma-separated subset of reconstruction, feature, mahalanobis,
         mahalanobis_early, mahalanobis_middle, residual, squeeze_bits, squeeze_median, boundary.
       target_fpr: detector false-alarm rate on clean validation images.
       arch: auto (small_cnn below 64 px, strided_cnn from 64 px: measured in README, "Training on real
