@@ -151,6 +151,8 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_evaluate_refuses_bad_options_in_one_line(phantom_system_run, tmp_path, args, words):
     result = run_cli("--run", str(phantom_system_run), *args, "--out", str(tmp_path / "e"), module="medrobust.evaluate")
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # Refused before TensorFlow loads: none of its C++ start-up lines (they look like failures).
+    assert not re.search(r"^[IWEF]\d{4} |absl::InitializeLog", result.stderr, re.M), result.stderr
 
 
 def test_a_new_evaluation_into_the_same_folder_leaves_no_stale_plot(phantom_system_run, tmp_path):

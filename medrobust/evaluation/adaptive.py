@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from medrobust.attacks.losses import misclassified
 
-DEFAULT_WEIGHTS = (0.1, 1.0, 10.0)
+from medrobust.evaluation.suite import DEFAULT_WEIGHTS  # noqa: F401 (re-exported)
 
 
 def margin_term(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:

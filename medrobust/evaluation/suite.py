@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from medrobust.evaluation.adaptive import DEFAULT_WEIGHTS
+# The adaptive attacker's trade-off weights (medrobust.evaluation.adaptive). Defined here, in a module
+# without TensorFlow, so the CLI checks its options before TensorFlow loads.
+DEFAULT_WEIGHTS = (0.1, 1.0, 10.0)
 
 ATTACK_NAMES = ("fgsm", "pgd", "apgd", "cw", "square", "fmn")
 DEFAULT_ATTACKS = ("fgsm", "pgd", "apgd", "cw", "square", "fmn")
