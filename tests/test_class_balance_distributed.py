@@ -10,7 +10,6 @@ before TensorFlow initialises.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,24 +28,16 @@ def _child(out_path: str) -> None:
     import keras
 
     from medrobust.data.phantom import make_phantom
-    from medrobust.models import build_classifier
     from medrobust.training import make_trainer
 
     x, _ = make_phantom(GLOBAL_BATCH, SIZE, seed=0)
     # Replica 0 sees mostly DRUSEN (weight 4), replica 1 mostly DME (weight 0.5).
     y = np.array([2, 2, 2, 2, 2, 2, 0, 3, 1, 1, 1, 1, 1, 1, 0, 3], np.int64)
 
+    from builders import small_cnn
+
     def build():
-        keras.utils.set_random_seed(0)
-        model = build_classifier("small_cnn", SIZE, width=8)
-
-        def clone(layer):
-            config = layer.get_config()
-            if isinstance(layer, keras.layers.BatchNormalization):
-                config["synchronized"] = True
-            return layer.__class__.from_config(config)
-
-        return keras.models.clone_model(model, clone_function=clone)
+        return small_cnn(SIZE, width=8, sync_bn=True)
 
     initial = build().get_weights()
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -72,10 +63,9 @@ def _child(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("balance") / "results.json"
-    done = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(out.read_text())
+    from builders import run_script
+
+    return run_script(__file__, tmp_path_factory.mktemp("balance") / "results.json")
 
 
 @pytest.mark.parametrize("method", ["standard", "pgd_at", "ssat"])

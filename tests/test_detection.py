@@ -30,20 +30,9 @@ def phantom():
 @pytest.fixture(scope="module")
 def classifier(phantom):
     """Standard training (cross-entropy) of a width-16 small CNN, 5 epochs with a cosine learning-rate decay."""
-    import keras
+    from builders import standard_trained_cnn
 
-    from medrobust.data.pipeline import steps_per_epoch, train_dataset
-    from medrobust.models import build_classifier
-    from medrobust.training import make_trainer
-
-    keras.utils.set_random_seed(0)
-    x, y = phantom["train"]
-    epochs, steps = 5, steps_per_epoch(len(x), 64)
-    clf = build_classifier("small_cnn", IMAGE_SIZE, width=16)
-    trainer = make_trainer("standard", clf)
-    trainer.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, epochs * steps)))
-    trainer.fit(train_dataset(x, y, 64, seed=0), epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0)
-    return clf
+    return standard_trained_cnn(*phantom["train"], IMAGE_SIZE, epochs=5)
 
 
 @pytest.fixture(scope="module")

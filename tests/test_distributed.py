@@ -21,7 +21,6 @@ needs several processes and TF_CONFIG; it is not run here.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,25 +38,15 @@ def _child(out_path: str) -> None:
     import keras
 
     from medrobust.data.phantom import make_phantom
-    from medrobust.models import build_classifier
     from medrobust.training import SSATTrainer
 
     x, y = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=0)
     x_u, _ = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=1)
 
+    from builders import small_cnn
+
     def build(sync_bn: bool):
-        keras.utils.set_random_seed(0)
-        model = build_classifier("small_cnn", SIZE, width=8)
-        if not sync_bn:
-            return model
-
-        def clone(layer):
-            config = layer.get_config()
-            if isinstance(layer, keras.layers.BatchNormalization):
-                config["synchronized"] = True
-            return layer.__class__.from_config(config)
-
-        return keras.models.clone_model(model, clone_function=clone)
+        return small_cnn(SIZE, width=8, sync_bn=sync_bn)
 
     reference = build(False)
     initial = reference.get_weights()
@@ -109,10 +98,9 @@ def _child(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed") / "results.json"
-    done = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(out.read_text())
+    from builders import run_script
+
+    return run_script(__file__, tmp_path_factory.mktemp("distributed") / "results.json")
 
 
 def test_two_replicas_really_ran(results):

@@ -8,7 +8,6 @@ The distributed check runs in a fresh interpreter (logical CPUs must be set befo
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -344,17 +343,10 @@ def _child(out_path: str) -> None:
     x, y = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=0)
     x_u, _ = make_phantom(GLOBAL_BATCH * STEPS, SIZE, seed=1)
 
+    from builders import small_cnn
+
     def build():  # the small CNN with synchronized BatchNorm (global batch statistics)
-        keras.utils.set_random_seed(0)
-        model = build_classifier("small_cnn", SIZE, width=8)
-
-        def clone(layer):
-            config = layer.get_config()
-            if isinstance(layer, keras.layers.BatchNormalization):
-                config["synchronized"] = True
-            return layer.__class__.from_config(config)
-
-        return keras.models.clone_model(model, clone_function=clone)
+        return small_cnn(SIZE, width=8, sync_bn=True)
 
     initial = build().get_weights()
     reference = build()
@@ -389,10 +381,9 @@ def _child(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed") / "results.json"
-    done = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(out.read_text())
+    from builders import run_script
+
+    return run_script(__file__, tmp_path_factory.mktemp("distributed") / "results.json")
 
 
 def _max_diff(a, b):
