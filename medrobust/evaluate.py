@@ -110,8 +110,9 @@ def _load_images(config: dict, data: str | None, split: str, image_size: int, pr
         for file, reason in part.skipped:
             warnings.warn(f"skipped {file}: {reason}", stacklevel=2)
         source = f"folder:{Path(data).expanduser()}"
+        overlap = _training_overlap(config, part, image_size)
         info = {"source": source, "split": "all", "whole_folder": True, "synthetic": False,
-                "skipped": [list(s) for s in part.skipped],
+                "skipped": [list(s) for s in part.skipped], "training_overlap": overlap,
                 "describe": f"{source} (real scans, {image_size}x{image_size}; the whole folder, {len(part.y)} images)"}
         return part.x, part.y, info
     from medrobust.data import load_run_data
@@ -121,6 +122,43 @@ def _load_images(config: dict, data: str | None, split: str, image_size: int, pr
     info = {"source": dataset.source, "split": "test", "whole_folder": False, "synthetic": dataset.synthetic,
             "skipped": [list(s) for s in dataset.skipped], "describe": dataset.describe()}
     return x, y, info
+
+
+def _training_overlap(config: dict, part, image_size: int) -> dict:
+    """How much of a whole folder the run was trained on: images identical (after preprocessing) to a
+    training image, and images of patients in the training split (Kermany file names). Refuses a folder
+    that is all training images; warns, naming the counts, for a partial overlap."""
+    import hashlib
+    import warnings
+
+    import numpy as np
+
+    from medrobust.data import load_run_data
+    from medrobust.data.folders import patient_id
+
+    try:
+        trained = load_run_data(config, image_size=image_size)
+    except ValueError as exc:  # the training data is gone: say that the check could not be made
+        warnings.warn(f"could not check the folder against the run's training data: {exc}", stacklevel=3)
+        return {"checked": False}
+    x_train, _ = trained["train"]
+    digest = lambda im: hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest()  # noqa: E731
+    seen = {digest(im) for im in x_train}
+    identical = np.array([digest(im) in seen for im in part.x], bool)
+    train_patients = {p for p in trained.patients.get("train", []) if p is not None}
+    of_patients = np.array([patient_id(f) in train_patients for f in part.files], bool)
+    either = identical | of_patients
+    overlap = {"checked": True, "images": int(either.sum()), "identical_images": int(identical.sum()),
+               "training_patients": len({patient_id(f) for f, o in zip(part.files, of_patients) if o})}
+    if len(either) and either.all():
+        raise cli.UsageError(f"every image of this folder is one the run was trained on ({overlap['identical_images']} "
+                             "identical, the rest from training patients); evaluate other scans, or use --split test")
+    if either.any():
+        warnings.warn(f"TRAINING DATA: {overlap['images']} of {len(either)} images of this folder come from the run's "
+                      f"training split ({overlap['identical_images']} identical images, "
+                      f"{overlap['training_patients']} training patients); their figures are optimistic "
+                      "(report.json data.training_overlap)", stacklevel=3)
+    return overlap
 
 
 def _evaluate(run_dir, config, data, split, names, budgets, eps_l2, adaptive, limit, out_dir, batch_size, seed,
@@ -163,7 +201,8 @@ def _evaluate(run_dir, config, data, split, names, budgets, eps_l2, adaptive, li
     report = {"run": str(run_dir), "complete": False, "command": _command(),
               "run_config": {k: config.get(k) for k in RUN_CONFIG_KEYS},
               "data_source": data_info["source"], "synthetic_data": data_info["synthetic"],
-              "data": {k: data_info[k] for k in ("source", "split", "whole_folder", "skipped")} | {"limit": limit},
+              "data": {k: data_info.get(k) for k in ("source", "split", "whole_folder", "skipped", "training_overlap")}
+                      | {"limit": limit},
               "n_images": int(len(y)), "eps": list(budgets), "eps_l2": [round(e, 6) for e in l2_budgets],
               "adaptive": adaptive, "settings": settings.as_dict(),
               "attack_settings": {n: {"norm": NORMS[n], "description": settings.describe(n),

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -180,7 +181,10 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_resumes(phantom_system
             "--eps", "0.001,0.002", "--adaptive", "false", "--limit", "160", "--pgd-steps", "400", "--out", str(out),
             "--progress", "false"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT's default action restored in the child: a test run started in the background by a shell
+    # inherits SIGINT ignored, and the evaluation would then (rightly) never see the signal.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = out / "progress" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -188,7 +192,7 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_resumes(phantom_system
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the evaluation ended before it could be interrupted: " + proc.stderr.read()[-2000:]
-    time.sleep(0.5)  # into the PGD sweep (its tracing alone takes longer; a later signal risked a finished run)
+    time.sleep(2.0)  # into the PGD sweep
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -270,3 +274,37 @@ def test_the_adaptive_objective_shares_one_pass_and_keeps_the_scores(phantom_sys
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(hit.numpy(), (misclassified(logits, y) & (score <= threshold)).numpy())
     np.testing.assert_array_equal(success(x, y).numpy(), hit.numpy())
+
+
+@pytest.mark.realdata
+def test_split_all_names_images_the_run_was_trained_on(tmp_path):
+    """A whole folder made of the run's training scans is refused; a folder that mixes some in is
+    evaluated with a TRAINING DATA warning and the overlap in the report (found by identical pixels and
+    by Kermany patient ids), so a figure on one's own training images is never passed off as external."""
+    from medrobust import cli
+    from medrobust.data.folders import load_image_tree
+    from medrobust.evaluate import _training_overlap
+
+    kermany = Path(os.environ.get("MEDROBUST_DATA", "")) / "kermany"
+    if not kermany.is_dir():
+        pytest.skip("real Kermany scans not found")
+    data = tmp_path / "trained_on"
+    picked = {}
+    for split in ("train", "val", "test"):
+        for c in ("CNV", "DME", "DRUSEN", "NORMAL"):
+            (data / split / c).mkdir(parents=True)
+            for f in sorted((kermany / split / c).glob("*.jpeg"))[:3]:
+                shutil.copy(f, data / split / c / f.name)
+                picked.setdefault(split, []).append(f)
+    config = {"data_resolved": str(data), "image_size": 16, "seed": 0}
+    with pytest.raises(cli.UsageError, match="every image of this folder"):
+        _training_overlap(config, load_image_tree(data / "train", 16), 16)
+
+    mixed = tmp_path / "site_b"
+    for f in picked["train"][:2] + picked["test"]:
+        (mixed / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, mixed / f.parent.name / ("renamed-" + f.name if f in picked["train"][:1] else f.name))
+    with pytest.warns(UserWarning, match="TRAINING DATA: 2 of 14"):
+        overlap = _training_overlap(config, load_image_tree(mixed, 16), 16)
+    # The renamed copy has no Kermany patient id any more: found by its pixels.
+    assert overlap == {"checked": True, "images": 2, "identical_images": 2, "training_patients": 1}

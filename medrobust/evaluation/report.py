@@ -85,6 +85,10 @@ def _what_was_run(report: dict) -> list[str]:
     evaluated = f"`{report['data_source']}`, {split}: **{report['n_images']} images**"
     if data.get("limit"):
         evaluated += f" (the first {data['limit']} of a fixed shuffle, --limit)"
+    overlap = data.get("training_overlap") or {}
+    if overlap.get("images"):
+        evaluated += (f"; **{overlap['images']} of them come from the run's training split** ({overlap['identical_images']} "
+                      f"identical images, {overlap['training_patients']} training patients): optimistic")
     skipped = data.get("skipped") or []
     if skipped:
         evaluated += f"; {len(skipped)} unreadable files skipped (listed in report.json)"
