@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from medrobust import cli
@@ -57,9 +58,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       method: ssat | standard | pgd_at | trades.
       label_fraction: share of training labels used (stratified), in (0, 1]; SSAT uses the rest as
         unlabeled data.
-      epochs: training epochs; one epoch = ceil(n_train / batch_size) steps for every method. auto: at
-        least 10 epochs and at least 1,000 optimizer steps (60 epochs on kermany/train at batch 64: with
-        augmentation, 15 epochs underfit; README, "Training on real scans"); 16 on the phantom.
+      epochs: training epochs (one epoch = ceil(n_train / batch_size) steps for every method), or auto,
+        which means at least 10 epochs and at least 1,000 optimizer steps (59 epochs on kermany/train at
+        batch 64, where 15 epochs underfit with augmentation; 16 on the phantom).
       image_size: side of the square grayscale input in pixels (OCTMNIST: 28, 64, 128 or 224).
       out: run folder to write (classifier.keras, detector/, config.json, metrics.json, training_log.csv).
       eps: SSAT's (--ssat-loss ce) per-sample budget range "min,max" in [0, 1] pixel scale (one value = fixed).
@@ -71,7 +72,6 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         --train-eps, --pgd-steps and --beta as TRADES); see medrobust/training/ssat.py.
       detector: true | false: also fit the UAD detector on clean training images (no labels).
       seed: random seed (data split, label subset, initialisation, shuffling).
-      arch: small_cnn | resnet18 (see medrobust.models).
       width: channels of the first convolution (default: 32 for small_cnn, 16 for resnet18).
       batch_size: labeled images per step.
       unlabeled_batch_size: unlabeled images per SSAT step (default: --batch-size).
@@ -133,6 +133,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     _check_data_argument(options["data"])
     if options["weights"] is not None and not Path(options["weights"]).is_file():
         raise cli.UsageError(f"--weights {weights}: no such file")
+    _check_teacher(options)
     out_dir = Path(options["out"])
     if _already_done(out_dir, options):
         print(f"{out_dir}: this run is already complete (metrics.json); pass --overwrite true to train again")
@@ -411,6 +412,37 @@ def _choice(value, allowed, name):
     if value not in allowed:
         raise cli.UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
     return value
+
+
+def _check_teacher(o: dict) -> None:
+    """--teacher PATH: the file must exist; if it comes from a medrobust run that saw more labels (a larger
+    label fraction, another seed's labeled subset or other data), warn: its pseudo-labels carry those labels
+    into a run that claims fewer."""
+    teacher = o.get("teacher")
+    if o["method"] != "ssat" or teacher is None or str(teacher).lower() in ("none", "snapshot"):
+        return
+    path = Path(str(teacher)).expanduser()
+    if not path.is_file():
+        raise cli.UsageError(f"--teacher {teacher}: no such file (a classifier.keras, or snapshot / none)")
+    config_path = path.parent / "config.json"
+    if not config_path.is_file():
+        warnings.warn(f"--teacher {teacher}: no config.json beside it, so the labels it was trained on cannot be "
+                      f"checked; the run is only a label-fraction-{o['label_fraction']:g} result if the teacher "
+                      "saw no other labels", stacklevel=3)
+        return
+    seen = read_json(config_path)
+    problems = []
+    if float(seen.get("label_fraction", 1.0)) > float(o["label_fraction"]):
+        problems.append(f"label fraction {seen.get('label_fraction')} > {o['label_fraction']:g}")
+    elif float(seen.get("label_fraction", 1.0)) < 1.0 and int(seen.get("seed", 0)) != int(o["seed"]):
+        problems.append(f"seed {seen.get('seed')} (another labeled subset) != {o['seed']}")
+    if str(seen.get("data_resolved") or seen.get("data")) != str(o["data"]) and \
+            Path(str(seen.get("data_resolved") or "")).resolve() != Path(str(o["data"])).expanduser().resolve():
+        problems.append(f"data {seen.get('data_resolved') or seen.get('data')}")
+    if problems:
+        warnings.warn(f"TEACHER SAW OTHER LABELS: --teacher {teacher} was trained with {'; '.join(problems)}; its "
+                      f"pseudo-labels carry those labels into this run, so its figures are not those of label "
+                      f"fraction {o['label_fraction']:g} alone", stacklevel=3)
 
 
 def _check_numbers(o: dict) -> None:

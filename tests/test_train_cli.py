@@ -160,3 +160,27 @@ def test_phantom_trained_model_on_real_scans_is_reported(standard_run, real_scan
     report(f"phantom-trained standard CNN on 90 REAL Kermany scans: accuracy {np.mean(pred == scans.y):.3f} "
            f"(chance 0.25; per class {per_class}; predicted counts {np.bincount(pred, minlength=4).tolist()})")
     assert pred.shape == (90,)
+
+
+def test_a_teacher_that_saw_more_labels_is_named(tmp_path):
+    """--teacher PATH from a run with a larger label fraction (or another seed's labeled subset) carries
+    those labels into the new run: warned before any work; a missing file is a usage error."""
+    import json
+    import warnings
+
+    from medrobust import cli
+    from medrobust.train import _check_teacher
+
+    teacher = tmp_path / "std" / "classifier.keras"
+    teacher.parent.mkdir()
+    teacher.write_bytes(b"weights")
+    options = {"method": "ssat", "teacher": str(teacher), "label_fraction": 0.1, "seed": 0, "data": "phantom"}
+    for seen, leaks in (({"label_fraction": 0.1, "seed": 0}, False), ({"label_fraction": 1.0, "seed": 0}, True),
+                        ({"label_fraction": 0.1, "seed": 3}, True)):
+        (teacher.parent / "config.json").write_text(json.dumps({**seen, "data_resolved": "phantom"}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _check_teacher(options)
+        assert any("TEACHER SAW OTHER LABELS" in str(w.message) for w in caught) == leaks, seen
+    with pytest.raises(cli.UsageError, match="no such file"):
+        _check_teacher({**options, "teacher": str(tmp_path / "missing.keras")})
