@@ -63,11 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from medrobust import cli
-
-    cli.import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
-    from medrobust.evaluate import evaluate
     from medrobust.evaluation.suite import ATTACK_NAMES
-    from medrobust.train import METHODS, train
+    from medrobust.train import METHODS
 
     names = (*METHODS, *VARIANTS)
     methods = cli.parse_names(args.methods, "methods", names)
@@ -86,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     extra = {key: _value(value) for key, value in (option.split("=", 1) for option in args.train_option)}
     if args.image_size is not None:
         extra["image_size"] = args.image_size
+
+    cli.import_tensorflow()  # after the options are checked; without TensorFlow's CPU start-up noise (cuInit)
+    from medrobust.evaluate import evaluate
+    from medrobust.train import train
 
     started, rows, load_before = time.time(), [], os.getloadavg()
     for fraction in fractions:
