@@ -228,7 +228,15 @@ def last_layer_tensors(float_model: bytes) -> list[str]:
     interpreter, _ = tflite_runner(float_model)
     tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     producer = {int(o): op for op in interpreter._get_ops_details() for o in op["outputs"]}
-    frontier, seen, names = {d["index"] for d in interpreter.get_output_details()}, set(), []
+    layers = _last_layers({d["index"] for d in interpreter.get_output_details()}, producer,
+                          lambda op: op["op_name"] in _LAYER_OPS, lambda op: [int(i) for i in op["inputs"] if int(i) >= 0])
+    return list(dict.fromkeys(tensors[int(o)] for op in layers for o in op["outputs"]))
+
+
+def _last_layers(outputs, producer: dict, is_layer, inputs_of) -> list:
+    """The layer ops met first when walking back from `outputs` through `producer` (tensor -> op): a
+    layer stops the walk, any other op passes it on to its inputs. Shared by the TFLite and ONNX recipes."""
+    frontier, seen, layers = set(outputs), set(), []
     while frontier:
         reached = set()
         for t in frontier - seen:
@@ -236,12 +244,13 @@ def last_layer_tensors(float_model: bytes) -> list[str]:
             op = producer.get(t)
             if op is None:
                 continue
-            if op["op_name"] in _LAYER_OPS:
-                names += [tensors[int(o)] for o in op["outputs"] if tensors[int(o)] not in names]
+            if is_layer(op):
+                if not any(op is known for known in layers):
+                    layers.append(op)
             else:
-                reached.update(int(i) for i in op["inputs"] if int(i) >= 0)
+                reached.update(inputs_of(op))
         frontier = reached
-    return names
+    return layers
 
 
 def tflite_op_summary(model_bytes: bytes) -> dict:
@@ -453,21 +462,9 @@ def onnx_last_layer_nodes(proto) -> list[str]:
     """Names of the layer nodes (Conv, ConvTranspose, MatMul, Gemm) whose outputs reach a graph output
     without passing through another layer: the ONNX counterpart of `last_layer_tensors`."""
     producer = {out: node for node in proto.graph.node for out in node.output}
-    frontier, seen, names = {o.name for o in proto.graph.output}, set(), []
-    while frontier:
-        reached = set()
-        for t in frontier - seen:
-            seen.add(t)
-            node = producer.get(t)
-            if node is None:
-                continue
-            if node.op_type in _ONNX_LAYER_OPS:
-                if node.name not in names:
-                    names.append(node.name)
-            else:
-                reached.update(i for i in node.input if i)
-        frontier = reached
-    return names
+    layers = _last_layers({o.name for o in proto.graph.output}, producer, lambda n: n.op_type in _ONNX_LAYER_OPS,
+                          lambda n: [i for i in n.input if i])
+    return list(dict.fromkeys(n.name for n in layers))
 
 
 def _own_weights(proto, node_names: list[str]) -> int:
