@@ -430,19 +430,27 @@ def _check_teacher(o: dict) -> None:
                       f"checked; the run is only a label-fraction-{o['label_fraction']:g} result if the teacher "
                       "saw no other labels", stacklevel=3)
         return
+    from medrobust.data import run_data_argument
+
     seen = read_json(config_path)
     problems = []
     if float(seen.get("label_fraction", 1.0)) > float(o["label_fraction"]):
         problems.append(f"label fraction {seen.get('label_fraction')} > {o['label_fraction']:g}")
     elif float(seen.get("label_fraction", 1.0)) < 1.0 and int(seen.get("seed", 0)) != int(o["seed"]):
         problems.append(f"seed {seen.get('seed')} (another labeled subset) != {o['seed']}")
-    if str(seen.get("data_resolved") or seen.get("data")) != str(o["data"]) and \
-            Path(str(seen.get("data_resolved") or "")).resolve() != Path(str(o["data"])).expanduser().resolve():
-        problems.append(f"data {seen.get('data_resolved') or seen.get('data')}")
+    # The teacher's data as it was typed and as it resolved (e.g. auto -> phantom); either may match ours.
+    teacher_data = {str(seen.get("data")), run_data_argument(seen)}
+    if not any(_same_path(d, o["data"]) for d in teacher_data):
+        problems.append(f"data {run_data_argument(seen)}")
     if problems:
         warnings.warn(f"TEACHER SAW OTHER LABELS: --teacher {teacher} was trained with {'; '.join(problems)}; its "
                       f"pseudo-labels carry those labels into this run, so its figures are not those of label "
                       f"fraction {o['label_fraction']:g} alone", stacklevel=3)
+
+
+def _same_path(a, b) -> bool:
+    """Two --data arguments name the same source (a name like phantom, or the same folder or file)."""
+    return str(a) == str(b) or Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
 
 
 def _check_numbers(o: dict) -> None:

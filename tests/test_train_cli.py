@@ -182,5 +182,12 @@ def test_a_teacher_that_saw_more_labels_is_named(tmp_path):
             warnings.simplefilter("always")
             _check_teacher(options)
         assert any("TEACHER SAW OTHER LABELS" in str(w.message) for w in caught) == leaks, seen
+    # The default --data auto, resolved to the phantom for the teacher: the same data, no warning.
+    (teacher.parent / "config.json").write_text(json.dumps({"label_fraction": 0.1, "seed": 0, "data": "auto",
+                                                            "data_resolved": "phantom"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _check_teacher({**options, "data": "auto"})
+    assert not caught, [str(w.message) for w in caught]
     with pytest.raises(cli.UsageError, match="no such file"):
         _check_teacher({**options, "teacher": str(tmp_path / "missing.keras")})
