@@ -146,10 +146,11 @@ def _training_overlap(config: dict, part, image_size: int) -> dict:
     seen = {digest(im) for im in x_train}
     identical = np.array([digest(im) in seen for im in part.x], bool)
     train_patients = {p for p in trained.patients.get("train", []) if p is not None}
-    of_patients = np.array([patient_id(f) in train_patients for f in part.files], bool)
+    ids = [patient_id(f) for f in part.files]
+    of_patients = np.array([p in train_patients for p in ids], bool)
     either = identical | of_patients
     overlap = {"checked": True, "images": int(either.sum()), "identical_images": int(identical.sum()),
-               "training_patients": len({patient_id(f) for f, o in zip(part.files, of_patients) if o})}
+               "training_patients": len({p for p, o in zip(ids, of_patients) if o})}
     if len(either) and either.all():
         raise cli.UsageError(f"every image of this folder is one the run was trained on ({overlap['identical_images']} "
                              "identical, the rest from training patients); evaluate other scans, or use --split test")
