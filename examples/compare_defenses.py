@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         with_detector = set(cli.parse_names(args.detector_for, "detector-for", names))
     fractions = cli.parse_floats(args.fractions, "fractions")
     if any(not 0 < f <= 1 for f in fractions):
-        raise SystemExit(f"error: --fractions must be in (0, 1], got {fractions}")
+        raise cli.UsageError(f"--fractions must be in (0, 1], got {fractions}")
     budgets = cli.parse_floats(args.eps, "eps")
     if any(not 0 < e <= 1 for e in budgets):
-        raise SystemExit(f"error: --eps values must be in (0, 1], got {budgets}")
+        raise cli.UsageError(f"--eps values must be in (0, 1], got {budgets}")
     attacks = cli.parse_names(args.attacks, "attacks", ATTACK_NAMES)
     epochs = "auto" if str(args.epochs).strip().lower() == "auto" else cli.parse_int(args.epochs, "epochs")
     extra = {key: _value(value) for key, value in (option.split("=", 1) for option in args.train_option)}
