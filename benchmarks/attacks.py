@@ -24,6 +24,9 @@ wall time grows with other people's load, CPU time much less.
 in float32; oneDNN runs bf16 on AVX512_BF16/AMX CPUs), with the robust accuracy their adversaries leave on
 the float32 model beside that of the float32 attacks: faster where the CPU has bf16 units, but a different
 (lower-precision) attack, so the evaluation does not use it.
+--compare-inference adds our attacks on the two slower forms of the model they can differentiate
+(medrobust.attacks.inference): "frozen" (weights as constants, no graph simplification) and "model" (the
+Keras model called through its variables, as before the inference graphs), to show what each step buys.
 --inter-op / --intra-op set TensorFlow's thread pools (default: TensorFlow's choice) to try other settings.
 """
 
@@ -158,6 +161,8 @@ def main() -> None:
     parser.add_argument("--jit", action="store_true", help="also time our attacks with jit_compile=True (XLA)")
     parser.add_argument("--skip-art", action="store_true", help="only our attacks and the eager loop")
     parser.add_argument("--bf16", action="store_true", help="also time our attacks on a bfloat16 twin of the model")
+    parser.add_argument("--compare-inference", action="store_true",
+                        help="also time our attacks on the frozen-only graph and on the plain model call")
     parser.add_argument("--inter-op", type=int, default=0, help="TensorFlow inter-op threads (0: default)")
     parser.add_argument("--intra-op", type=int, default=0, help="TensorFlow intra-op threads (0: default)")
     args = parser.parse_args()
@@ -174,6 +179,7 @@ def main() -> None:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
 
     from medrobust.attacks import APGD, PGD, predict_labels
+    from medrobust.attacks.inference import inference_function
     from medrobust.data.phantom import make_phantom
     from medrobust.models import build_classifier
 
@@ -216,6 +222,16 @@ def main() -> None:
         fns["ours PGD-10 (bf16)"] = lambda: adv.__setitem__("PGD-10 (bf16)", bf_pgd.run(x, y, eps)[0])
         fns["ours APGD-100 (bf16)"] = lambda: adv.__setitem__("APGD-100 (bf16)", bf_apgd.run(x, y, eps)[0])
         grads.update({"ours PGD-10 (bf16)": 10, "ours APGD-100 (bf16)": 101})
+    if args.compare_inference:
+        for form in ("frozen", "model"):
+            twin = keras.models.clone_model(model)
+            twin.set_weights(model.get_weights())
+            inference_function(twin, x.shape[1:], form=form)  # the form the attacks then find cached
+            pgd_form = PGD(twin, steps=10, early_stop=False)
+            apgd_form = APGD(twin, steps=100, loss="ce", early_stop=False)
+            fns[f"ours PGD-10 ({form})"] = lambda a=pgd_form: a.run(x, y, eps)
+            fns[f"ours APGD-100 ({form})"] = lambda a=apgd_form: a.run(x, y, eps)
+            grads.update({f"ours PGD-10 ({form})": 10, f"ours APGD-100 ({form})": 101})
     if not args.skip_art:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -240,6 +256,8 @@ def main() -> None:
           f"{model.count_params():,} parameters, {macs / 1e6:.1f} MMAC per input-gradient evaluation; batch {n}; "
           f"eps {eps:.4f}; median of {args.repeats} interleaved rounds after one warm-up call (tracing excluded)")
     print(f"machine peak: float32 2048x2048 matmul {peak:.1f} GMAC/s on the same threads")
+    print(f"our attacks differentiate the model's {inference_function(model, x.shape[1:])[0].kind} inference graph "
+          "(medrobust.attacks.inference); GMAC/s counts the Keras model's multiply-accumulates")
     note = "   (peak: float32; bf16 rows can exceed it)" if args.bf16 else ""
     print(f"{'attack':<24}{'seconds':>10}{'CPU s':>8}{'images/s':>10}{'GMAC/s':>9}{'of peak':>9}{note}")
     for name, (wall, cpu) in results.items():
@@ -259,6 +277,12 @@ def main() -> None:
             fp32 = np.mean(predict_labels(model, attack.run(x, y, eps)[0]) == y)
             bf16 = np.mean(predict_labels(model, adv[f"{name} (bf16)"]) == y)
             print(f"  {name} robust accuracy on the float32 model: float32 attack {fp32:.3f}, bf16 attack {bf16:.3f}")
+    if args.compare_inference:
+        for form in ("frozen", "model"):
+            print(f"  PGD-10  ours / ours on the {form} form:{' ' * (7 - len(form))}"
+                  f"{ratio('ours PGD-10', f'ours PGD-10 ({form})'):.2f}x")
+            print(f"  APGD-100 ours / ours on the {form} form:{' ' * (6 - len(form))}"
+                  f"{ratio('ours APGD-100', f'ours APGD-100 ({form})'):.2f}x")
     if args.jit:
         print(f"  PGD-10  ours XLA / ours:               {ratio('ours PGD-10 (XLA)', 'ours PGD-10'):.2f}x")
         print(f"  APGD-100 ours XLA / ours:              {ratio('ours APGD-100 (XLA)', 'ours APGD-100'):.2f}x")

@@ -20,10 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medrobust.attacks.base import batched, check_inputs, logits_fn, num_classes_of, per_image, run_steps
+from medrobust.attacks.base import bind_logits, check_inputs, num_classes_of, per_image, run_steps
 from medrobust.attacks.losses import cross_entropy, dlr
 from medrobust.attacks.pgd import (LossFn, ObjectiveFn, SuccessFn, _as_logits_fn, _l2_norm, _project_np,
-                                   is_adversarial, loss_gradient, project)
+                                   loss_gradient, project)
 
 LOSSES = {"ce": cross_entropy, "dlr": dlr}
 
@@ -91,11 +91,12 @@ class APGD:
         for w in self.checkpoints:
             is_check[w], check_len[w], prev = True, float(w - prev), w
         self._is_check, self._check_len = is_check, check_len
-        self._logits = None  # set on the first call, once the model's outputs were seen
-        self._start = tf.function(self._first_point, jit_compile=jit_compile, reduce_retracing=True)
-        self._chunk = tf.function(self._steps, jit_compile=jit_compile, reduce_retracing=True)
-        self._final = tf.function(lambda v, t: is_adversarial(self._logits, v, t, self.success_fn),
-                                  reduce_retracing=True)
+        self.jit_compile = jit_compile
+        self._logits = None  # set by each run, from the model's weights at that time
+
+    def _compile(self):
+        self._start = tf.function(self._first_point, jit_compile=self.jit_compile, reduce_retracing=True)
+        self._chunk = tf.function(self._steps, jit_compile=self.jit_compile, reduce_retracing=True)
 
     def __call__(self, x, y, eps, x_init=None) -> tf.Tensor:
         return tf.constant(self.run(x, y, eps, x_init)[0])
@@ -103,9 +104,12 @@ class APGD:
     def run(self, x, y, eps, x_init=None) -> tuple[np.ndarray, np.ndarray]:
         """(x_adv float32 numpy like x, fooled bool [n]): see the class docstring."""
         x, y, eps = check_inputs(x, y, eps, self.norm, num_classes_of(self.model), "APGD")
-        if self._logits is None:
-            self._logits = (_as_logits_fn(self.model) if self.objective_fn is not None else
-                            logits_fn(self.model, x[:64], f"APGD-{self.loss_name.upper()}", self.loss_name == "dlr"))
+        if self.objective_fn is not None:  # the objective calls the model itself
+            if self._logits is None:
+                self._logits = _as_logits_fn(self.model)
+                self._compile()
+        elif bind_logits(self, x[:64], f"APGD-{self.loss_name.upper()}", needs_logits=self.loss_name == "dlr"):
+            self._compile()
         n = len(x)
         fooled = np.zeros(n, bool)
         best, x_max_all = x.copy(), x.copy()

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
+
+from medrobust.attacks.inference import inference_function
 
 CHUNK_SECONDS = 1.0  # target wall time of one compiled chunk (the latency of Ctrl-C)
 _PROB_ATOL = 1e-3
@@ -87,23 +88,35 @@ def outputs_probabilities(model, x_sample: np.ndarray) -> bool:
                 and np.allclose(out.sum(axis=1), 1.0, atol=_PROB_ATOL))
 
 
-def logits_fn(model, x_sample: np.ndarray, attack: str, needs_logits: bool) -> Callable:
-    """A function image batch -> logits for `model` (called with training=False).
+def bind_logits(attack, x_sample: np.ndarray, name: str, needs_logits: bool) -> bool:
+    """Point `attack._logits` (image batch -> logits) at `attack.model` with its CURRENT weights.
+
+    The function is the model's frozen inference graph (medrobust.attacks.inference: weights as
+    constants, so batch norms fold into the convolutions). Returns True when it changed since the last
+    call (first call, or the weights changed): the attack must then rebuild its compiled functions,
+    which captured the old one.
 
     A model that outputs probabilities is refused when `needs_logits` (DLR, C&W and FMN read logit
     margins, which a saturated softmax flattens; as IBM ART does), otherwise its log-probabilities are
     used (cross-entropy on them is exact: log softmax(log p) = log p) with a warning that gradients
-    vanish where the softmax saturates.
+    vanish where the softmax saturates. Raises ValueError for the refused case.
     """
-    if not len(x_sample) or not outputs_probabilities(model, x_sample):
-        return lambda v: model(v, training=False)
-    if needs_logits:
-        raise ValueError(f"{attack}: the model outputs probabilities (it ends in a softmax), but this attack "
-                         "needs logits; pass the model without its final softmax")
-    warnings.warn(f"{attack}: the model outputs probabilities; attacking the log-probabilities instead "
-                  "(exact for cross-entropy, but gradients vanish where the softmax saturates: "
-                  "pass the logits model for a reliable evaluation)", stacklevel=3)
-    return lambda v: tf.math.log(tf.maximum(model(v, training=False), 1e-30))
+    call, version = inference_function(attack.model, x_sample.shape[1:] if len(x_sample) else None)
+    probs = getattr(attack, "_probabilities", None)
+    if getattr(attack, "_logits_version", None) == version and probs is not None:
+        return False
+    if probs is None and len(x_sample):
+        probs = attack._probabilities = outputs_probabilities(attack.model, x_sample)
+        if probs and needs_logits:
+            raise ValueError(f"{name}: the model outputs probabilities (it ends in a softmax), but this attack "
+                             "needs logits; pass the model without its final softmax")
+        if probs:
+            warnings.warn(f"{name}: the model outputs probabilities; attacking the log-probabilities instead "
+                          "(exact for cross-entropy, but gradients vanish where the softmax saturates: "
+                          "pass the logits model for a reliable evaluation)", stacklevel=3)
+    attack._logits = (lambda v: tf.math.log(tf.maximum(call(v), 1e-30))) if probs else call
+    attack._logits_version = version
+    return True
 
 
 # -- the chunked host loop ---------------------------------------------------------------------------

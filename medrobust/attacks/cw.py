@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medrobust.attacks.base import check_inputs, logits_fn, num_classes_of, per_image, run_steps
+from medrobust.attacks.base import bind_logits, check_inputs, num_classes_of, per_image, run_steps
 from medrobust.attacks.pgd import _project_np
 
 _NO_UPPER = 1e10
@@ -41,9 +41,8 @@ class CarliniWagnerL2:
             raise ValueError("steps and binary_search_steps must be >= 1")
         self.model, self.steps, self.binary_search_steps = model, steps, binary_search_steps
         self.lr, self.confidence, self.initial_const = lr, confidence, initial_const
-        self._logits = None
-        self._chunk = tf.function(self._adam_steps, jit_compile=jit_compile, reduce_retracing=True)
-        self._check = tf.function(self._check_point, reduce_retracing=True)
+        self.jit_compile = jit_compile
+        self._logits = None  # set by each call, from the model's weights at that time
 
     def __call__(self, x, y, eps=None) -> tf.Tensor:
         x_adv, _, _ = self.find(x, y)
@@ -55,8 +54,9 @@ class CarliniWagnerL2:
     def find(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(x_adv, success [bool per image], L2 distance of x_adv per image), unbounded."""
         x, y, _ = check_inputs(x, y, None, None, num_classes_of(self.model), "CarliniWagnerL2")
-        if self._logits is None:
-            self._logits = logits_fn(self.model, x[:64], "CarliniWagnerL2", needs_logits=True)
+        if bind_logits(self, x[:64], "CarliniWagnerL2", needs_logits=True):
+            self._chunk = tf.function(self._adam_steps, jit_compile=self.jit_compile, reduce_retracing=True)
+            self._check = tf.function(self._check_point, reduce_retracing=True)
         n = len(x)
         axes = tuple(range(1, x.ndim))
         w0 = np.arctanh(np.clip(2.0 * x - 1.0, -1.0, 1.0) * (1.0 - 1e-6)).astype(np.float32)

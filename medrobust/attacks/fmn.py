@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medrobust.attacks.base import check_inputs, logits_fn, num_classes_of, per_image, run_steps
+from medrobust.attacks.base import bind_logits, check_inputs, num_classes_of, per_image, run_steps
 from medrobust.attacks.losses import misclassified
 
 
@@ -58,8 +58,8 @@ class FMN:
         self.alpha_init = alpha_init
         self.alpha_final = alpha_final if alpha_final is not None else self.alpha_init / 100
         self.gamma_init, self.gamma_final = gamma_init, gamma_final
-        self._logits = None
-        self._chunk = tf.function(self._steps, jit_compile=jit_compile, reduce_retracing=True)
+        self.jit_compile = jit_compile
+        self._logits = None  # set by each call, from the model's weights at that time
 
     def __call__(self, x, y, eps) -> tf.Tensor:
         x, y, eps = check_inputs(x, y, eps, self.norm, num_classes_of(self.model), "FMN")
@@ -74,8 +74,8 @@ class FMN:
 
     def find(self, x, y) -> tuple[np.ndarray, np.ndarray]:
         x, y, _ = check_inputs(x, y, None, None, num_classes_of(self.model), "FMN")
-        if self._logits is None:
-            self._logits = logits_fn(self.model, x[:64], "FMN", needs_logits=True)
+        if bind_logits(self, x[:64], "FMN", needs_logits=True):
+            self._chunk = tf.function(self._steps, jit_compile=self.jit_compile, reduce_retracing=True)
         n = len(x)
         worst = np.maximum(x, 1.0 - x).reshape(n, -1)
         worst = worst.max(axis=1) if self.norm == "linf" else np.sqrt((worst.astype(np.float64) ** 2).sum(axis=1))

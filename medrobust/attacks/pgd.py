@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medrobust.attacks.base import batched, check_inputs, logits_fn, num_classes_of, per_image, run_steps
+from medrobust.attacks.base import batched, bind_logits, check_inputs, num_classes_of, per_image, run_steps
 from medrobust.attacks.losses import cross_entropy, dlr, misclassified
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (logits, y) -> per-example loss to maximise
@@ -119,8 +119,11 @@ class PGD:
         self.rel_step = step_size if step_size is not None else (1.0 if steps == 1 else 2.5 / steps)
         self.random_start, self.restarts, self.early_stop = random_start, restarts, early_stop
         self.loss_fn, self.objective_fn, self.success_fn = loss_fn, objective_fn, success_fn
-        self._logits = None  # set on the first call, once the model's outputs were seen
-        self._chunk = tf.function(self._steps, jit_compile=jit_compile, reduce_retracing=True)
+        self.jit_compile = jit_compile
+        self._logits = None  # set by each run, from the model's weights at that time
+
+    def _compile(self):
+        self._chunk = tf.function(self._steps, jit_compile=self.jit_compile, reduce_retracing=True)
         self._final = tf.function(lambda v, t: is_adversarial(self._logits, v, t, self.success_fn),
                                   reduce_retracing=True)
 
@@ -159,10 +162,12 @@ class PGD:
         return np.where(fooled.reshape((-1,) + (1,) * (x.ndim - 1)), best, last), fooled
 
     def _prepare(self, x):
-        if self._logits is None:
-            needs_logits = self.objective_fn is None and self.loss_fn is dlr
-            self._logits = (_as_logits_fn(self.model) if self.objective_fn is not None
-                            else logits_fn(self.model, x[:64], "PGD", needs_logits))
+        if self.objective_fn is not None:  # the objective calls the model itself
+            if self._logits is None:
+                self._logits = _as_logits_fn(self.model)
+                self._compile()
+        elif bind_logits(self, x[:64], "PGD", needs_logits=self.loss_fn is dlr):
+            self._compile()
 
     def _random_start(self, x, eps):
         x = tf.constant(x)

@@ -30,11 +30,31 @@ def p_selection(p_init: float, it: int, n_iters: int) -> float:
 
 
 def keras_predict_fn(model) -> PredictFn:
-    """numpy -> numpy logits of a Keras model, through one compiled inference call (model(x, training=False))."""
-    import tensorflow as tf
+    """numpy -> numpy logits of a Keras model (model(x, training=False)), through one compiled call of its
+    frozen inference graph (medrobust.attacks.inference); SquareAttack refreshes it at every run, so
+    weights changed between runs are seen."""
+    return _KerasPredict(model)
 
-    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return lambda x: call(tf.convert_to_tensor(x, tf.float32)).numpy()
+
+class _KerasPredict:
+    def __init__(self, model):
+        self.model, self.version, self.call = model, None, None
+
+    def refresh(self, x_sample) -> None:
+        import tensorflow as tf
+
+        from medrobust.attacks.inference import inference_function
+
+        fn, version = inference_function(self.model, x_sample.shape[1:] if len(x_sample) else None)
+        if version != self.version:
+            self.call, self.version = tf.function(fn, reduce_retracing=True), version
+
+    def __call__(self, x):
+        import tensorflow as tf
+
+        if self.call is None:
+            self.refresh(x)
+        return self.call(tf.convert_to_tensor(x, tf.float32)).numpy()
 
 
 class SquareAttack:
@@ -87,6 +107,8 @@ class SquareAttack:
         from medrobust.attacks.base import check_inputs
 
         x, y, eps = check_inputs(x, y, eps, "linf", None, "SquareAttack")
+        if isinstance(self.predict_fn, _KerasPredict):
+            self.predict_fn.refresh(x)
         if x.ndim != 4:
             raise ValueError(f"SquareAttack: x must be images [n, height, width, channels], got shape {x.shape}")
         y = y.astype(np.int64)
