@@ -25,8 +25,11 @@ in float32; oneDNN runs bf16 on AVX512_BF16/AMX CPUs), with the robust accuracy 
 the float32 model beside that of the float32 attacks: faster where the CPU has bf16 units, but a different
 (lower-precision) attack, so the evaluation does not use it.
 --compare-inference adds our attacks on the two slower forms of the model they can differentiate
-(medrobust.attacks.inference): "frozen" (weights as constants, no graph simplification) and "model" (the
-Keras model called through its variables, as before the inference graphs), to show what each step buys.
+(medrobust.attacks.inference): "frozen" (weights as constants, the graph not simplified beforehand) and
+"model" (the Keras model called through its variables, as before), to show what each step buys.
+--model PATH times a trained classifier (.keras) instead of the random-weight small CNN.
+--op-profile prints where one input-gradient evaluation spends its time, op type by op type, and the
+multiply-accumulate rate of the convolutions alone: the gap to the machine's limit.
 --inter-op / --intra-op set TensorFlow's thread pools (default: TensorFlow's choice) to try other settings.
 """
 
@@ -99,6 +102,56 @@ def gradient_macs(model, image_shape) -> float:
     return profile.total_float_ops / 2
 
 
+def op_profile(model, x, y, macs: float, peak: float, runs: int = 10) -> None:
+    """Print the time of one input-gradient evaluation of the batch, op type by op type, from TensorFlow's
+    step statistics (a graph session with full tracing, on the graph our attacks differentiate), and the
+    multiply-accumulate rate of the convolutions alone."""
+    import collections
+
+    import tensorflow as tf
+
+    from medrobust.attacks.inference import inference_function
+    from medrobust.attacks.losses import cross_entropy
+
+    call, _ = inference_function(model, x.shape[1:])
+
+    @tf.function
+    def grad(v, t):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            loss = cross_entropy(call(v), t)
+        return tape.gradient(loss, v)
+
+    concrete = grad.get_concrete_function(tf.TensorSpec(x.shape), tf.TensorSpec(y.shape, tf.int32))
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    frozen = convert_variables_to_constants_v2(concrete)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(frozen.graph.as_graph_def(), name="")
+    feeds = {frozen.inputs[0].name: x, frozen.inputs[1].name: y.astype(np.int32)}
+    fetches = [t.name for t in frozen.outputs]
+    per_type: collections.Counter = collections.Counter()
+    with tf.compat.v1.Session(graph=graph) as session:
+        for _ in range(3):
+            session.run(fetches, feeds)
+        options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+        for _ in range(runs):
+            metadata = tf.compat.v1.RunMetadata()
+            session.run(fetches, feeds, options=options, run_metadata=metadata)
+            for device in metadata.step_stats.dev_stats:
+                for node in device.node_stats:
+                    label = node.timeline_label.split("=")[-1].split("(")[0].strip() or node.node_name
+                    per_type[label] += node.all_end_rel_micros / runs / 1e3
+    total = sum(per_type.values())
+    conv = sum(ms for op, ms in per_type.items() if "Conv2D" in op)
+    print(f"one input-gradient evaluation of the batch, op by op (ms, summed over ops; {runs} traced runs):")
+    for op, ms in per_type.most_common(8):
+        print(f"  {op:<36}{ms:>8.2f}  {ms / total:>5.0%}")
+    conv_gmacs = len(x) * macs / (conv / 1e3) / 1e9
+    print(f"  convolutions: {conv:.1f} of {total:.1f} ms; {conv_gmacs:.0f} GMAC/s if they did all the model's "
+          f"multiply-adds ({conv_gmacs / peak:.0%} of the matmul peak)")
+
+
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     """GMAC/s of a float32 size x size matmul on TensorFlow's threads (best of `repeats`)."""
     import tensorflow as tf
@@ -161,6 +214,10 @@ def main() -> None:
     parser.add_argument("--jit", action="store_true", help="also time our attacks with jit_compile=True (XLA)")
     parser.add_argument("--skip-art", action="store_true", help="only our attacks and the eager loop")
     parser.add_argument("--bf16", action="store_true", help="also time our attacks on a bfloat16 twin of the model")
+    parser.add_argument("--model", default=None,
+                        help="a trained classifier (.keras) instead of the random-weight small CNN (--size is then its input)")
+    parser.add_argument("--op-profile", action="store_true",
+                        help="also print where one input-gradient evaluation spends its time, op by op")
     parser.add_argument("--compare-inference", action="store_true",
                         help="also time our attacks on the frozen-only graph and on the plain model call")
     parser.add_argument("--inter-op", type=int, default=0, help="TensorFlow inter-op threads (0: default)")
@@ -184,7 +241,13 @@ def main() -> None:
     from medrobust.models import build_classifier
 
     keras.utils.set_random_seed(0)
-    model = build_classifier("small_cnn", args.size, width=args.width)
+    if args.model:
+        from medrobust.models import load_classifier
+
+        model = load_classifier(args.model)
+        args.size = int(model.input_shape[1])
+    else:
+        model = build_classifier("small_cnn", args.size, width=args.width)
     x, _ = make_phantom(args.batch, args.size, seed=0)
     y = predict_labels(model, x)
     eps, n = args.eps, args.batch
@@ -252,12 +315,13 @@ def main() -> None:
           + ("" if args.skip_art else f", ART {art.__version__}")
           + f"; {os.cpu_count()} CPUs, {tf.config.threading.get_intra_op_parallelism_threads() or 'default'} "
             f"intra-op threads, load average {load:.1f} (other processes)")
-    print(f"model small_cnn {args.size}x{args.size} width {model.get_layer('features').units // 4}, "
+    width = f"width {model.get_layer('features').units // 4}, " if not args.model else f"from {args.model}, "
+    print(f"model {model.name} {args.size}x{args.size} {width}"
           f"{model.count_params():,} parameters, {macs / 1e6:.1f} MMAC per input-gradient evaluation; batch {n}; "
           f"eps {eps:.4f}; median of {args.repeats} interleaved rounds after one warm-up call (tracing excluded)")
     print(f"machine peak: float32 2048x2048 matmul {peak:.1f} GMAC/s on the same threads")
     print(f"our attacks differentiate the model's {inference_function(model, x.shape[1:])[0].kind} inference graph "
-          "(medrobust.attacks.inference); GMAC/s counts the Keras model's multiply-accumulates")
+          "(medrobust.attacks.inference); GMAC/s counts the model's multiply-accumulates")
     note = "   (peak: float32; bf16 rows can exceed it)" if args.bf16 else ""
     print(f"{'attack':<24}{'seconds':>10}{'CPU s':>8}{'images/s':>10}{'GMAC/s':>9}{'of peak':>9}{note}")
     for name, (wall, cpu) in results.items():
@@ -283,6 +347,8 @@ def main() -> None:
                   f"{ratio('ours PGD-10', f'ours PGD-10 ({form})'):.2f}x")
             print(f"  APGD-100 ours / ours on the {form} form:{' ' * (6 - len(form))}"
                   f"{ratio('ours APGD-100', f'ours APGD-100 ({form})'):.2f}x")
+    if args.op_profile:
+        op_profile(model, x, y, macs, peak)
     if args.jit:
         print(f"  PGD-10  ours XLA / ours:               {ratio('ours PGD-10 (XLA)', 'ours PGD-10'):.2f}x")
         print(f"  APGD-100 ours XLA / ours:              {ratio('ours APGD-100 (XLA)', 'ours APGD-100'):.2f}x")

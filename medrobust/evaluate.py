@@ -48,7 +48,7 @@ def evaluate(run: str, data: str | None = None, split: str = "test", attacks=DEF
       square_queries: Square Attack queries per image.
       fmn_steps: FMN (fast minimum-norm) iterations.
       seed: random seed (the --limit shuffle and the attacks' random starts).
-      progress: true | false: show progress bars.
+      progress: true | false: show progress bars (on a terminal; never in a log file or pipe).
     """
     from medrobust.evaluation.suite import ATTACK_NAMES
 

@@ -30,7 +30,15 @@ def evaluation(phantom_system_run, tmp_path_factory):
     result = run_cli("--run", str(phantom_system_run), "--attacks", "fgsm,pgd,cw,square,fmn", "--eps", "0.002,0.008",
                      *QUICK, "--out", str(out), module="medrobust.evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
+    out.with_name(out.name + ".stderr").write_text(result.stderr)  # beside the report folder, for the log test
     return json.loads((out / "report.json").read_text()), out
+
+
+def test_progress_bars_stay_out_of_a_log(evaluation):
+    """stderr was a pipe (a log file, CI): attack progress bars would fill it with carriage returns."""
+    _, out = evaluation
+    stderr = out.with_name(out.name + ".stderr").read_text()
+    assert "img/s" not in stderr and "\r" not in stderr, stderr[-2000:]
 
 
 def test_report_has_the_contract_keys(evaluation):

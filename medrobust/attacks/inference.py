@@ -1,13 +1,15 @@
 """A model's inference graph with its weights baked in as constants: what the attacks differentiate.
 
-An attack evaluates the same fixed network thousands of times. Called through its variables, the graph
-cannot be simplified: every step re-reads each weight and runs each inference-mode batch norm as
-separate multiply/add passes over the activations, forward and backward. With the weights as constants
-(TensorFlow's `convert_variables_to_constants_v2`) and Grappler's constant folding and arithmetic
-passes run once over that graph (the passes TFLite's converter runs), each batch norm becomes part of
-the convolution before it. On the 2-core CPU this cut an input-gradient evaluation by about a fifth
-(`python benchmarks/attacks.py --compare-inference` prints the three forms side by side). The function
-computes `model(x, training=False)` to float rounding, and gradients flow through it.
+An attack evaluates the same fixed network thousands of times. Called through its variables, each step
+re-reads every weight, and the inference-mode batch norms stay separate multiply/add passes over the
+activations, forward and backward. With the weights as constants (TensorFlow's
+`convert_variables_to_constants_v2`) and Grappler's constant folding and arithmetic passes run once over
+that graph (the passes TFLite's converter runs), each batch norm becomes part of the convolution before
+it. `python benchmarks/attacks.py --compare-inference [--model PATH]` times the three forms side by side
+(on the 2-core CPU, APGD-100 through the model's variables took 1.26-1.27x as long, on the benchmark's
+small CNN and on a trained 64-px strided_cnn) and `--op-profile` shows what is left besides the
+convolutions. The function computes `model(x, training=False)` to float rounding, and gradients flow
+through it.
 
 The constants are a snapshot. `inference_function` fingerprints the weights on every call and freezes
 again when they changed (e.g. the model was trained further between two attack runs), and returns a

@@ -178,8 +178,8 @@ class SystemEvaluator:
 
         attack = self._attack(name, adaptive)
         out = np.empty((len(idx),) + self.x.shape[1:], np.float32)
-        bar = tqdm(total=len(idx), desc=desc or f"{name} eps={eps:g}", unit="img", disable=not self.progress,
-                   leave=False)
+        bar = tqdm(total=len(idx), desc=desc or f"{name} eps={eps:g}", unit="img",
+                   disable=None if self.progress else True, leave=False)  # None: only on a terminal
         for start in range(0, len(idx), self.batch_size):
             part = idx[start:start + self.batch_size]
             xs, ys = self.x[part], self.y[part]
@@ -201,7 +201,7 @@ class SystemEvaluator:
         attack = self._attack(name)
         idx = np.flatnonzero(self.clean_correct)
         x_min, norms = self.x.copy(), np.zeros(len(self.x), np.float32)
-        bar = tqdm(total=len(idx), desc=name, unit="img", disable=not self.progress, leave=False)
+        bar = tqdm(total=len(idx), desc=name, unit="img", disable=None if self.progress else True, leave=False)
         for start in range(0, len(idx), self.batch_size):
             part = idx[start:start + self.batch_size]
             if name == "fmn":
