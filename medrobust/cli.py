@@ -294,10 +294,10 @@ def check_command_line(component, argv: list[str]):
     the component for Fire with its options typed (see `typed`)."""
     argv = _fire_args(list(argv))
     if "--help" in argv or "-h" in argv:
-        return component  # Fire shows the help
+        raise ShowHelp(help_text(component, argv))
     if isinstance(component, dict):
         if not argv:
-            return component  # Fire lists the commands
+            raise UsageError(f"give a command: {program_name()} {'|'.join(component)} [options] (--help describes them)")
         command = argv[0]
         if _is_flag(command):
             raise UsageError(f"give the command first: {program_name()} {'|'.join(component)} [options]")
@@ -307,6 +307,57 @@ def check_command_line(component, argv: list[str]):
                              f"choose from {', '.join(component)}") + ")")
         return {**component, command: typed(component[command], check_arguments(component[command], argv[1:]))}
     return typed(component, check_arguments(component, argv))
+
+
+class ShowHelp(Exception):
+    """Raised with the help text when --help (or -h) is among the arguments."""
+
+
+def help_text(component, argv: list[str]) -> str:
+    """--help for a function (its summary and every option, with the names as they are typed: --label-fraction,
+    not Fire's --label_fraction) or for a {command: function} dict (its commands, or the chosen one's help)."""
+    if isinstance(component, dict):
+        command = next((a for a in argv if not _is_flag(a)), None)
+        if command in component:
+            return help_text(component[command], []).replace(program_name(), f"{program_name()} {command}", 1)
+        width = max(map(len, component))
+        lines = [f"usage:\n    {program_name()} {{{'|'.join(component)}}} [options]", "", "commands:"]
+        lines += [f"  {name:<{width}}  {_summary(function)}" for name, function in component.items()]
+        lines += ["", f"{program_name()} COMMAND --help shows a command's options."]
+        return "\n".join(lines) + "\n"
+    from fire import docstrings
+
+    doc = docstrings.parse(inspect.getdoc(component) or "")
+    described = {arg.name: " ".join((arg.description or "").split()) for arg in doc.args or []}
+    parameters = [(name, p) for name, p in inspect.signature(component).parameters.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [name for name, p in parameters if p.default is p.empty]
+    usage = " ".join([program_name(), *(name.upper() for name in required), "[options]"])
+    lines = [f"usage:\n    {usage}", ""]
+    text = " ".join(filter(None, [doc.summary, doc.description]))
+    lines += [*_wrap(text, 0), ""] if text else []
+    lines.append("options:")
+    for name, parameter in parameters:
+        head = name.upper() if parameter.default is parameter.empty else f"{flag(name)} VALUE"
+        default = "" if parameter.default in (parameter.empty, None) else f"  (default: {parameter.default})"
+        lines.append(f"  {head}{default}")
+        lines += _wrap(described.get(name, ""), 6)
+    lines.append("  -h, --help")
+    lines += _wrap("show this help and exit", 6)
+    return "\n".join(lines) + "\n"
+
+
+def _summary(function) -> str:
+    import textwrap
+
+    paragraph = (inspect.getdoc(function) or "").strip().split("\n\n")[0]
+    return textwrap.shorten(" ".join(paragraph.split()), 88, placeholder=" ...")
+
+
+def _wrap(text: str, indent: int, width: int = 100) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent=" " * indent, subsequent_indent=" " * indent)
 
 
 def _unquoted_program_name() -> None:
@@ -341,6 +392,9 @@ def run(component) -> None:
         checked = check_command_line(component, sys.argv[1:])
         # serialize: results go to files, not stdout; name: `--help` shows the command as it is typed.
         fire.Fire(checked, name=program_name(), serialize=lambda result: None)
+    except ShowHelp as shown:
+        print(shown, end="")
+        sys.exit(0)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         sys.exit(2)

@@ -121,6 +121,23 @@ def test_help_shows_the_command_as_typed(module, args, program):
     assert "train.py" not in text and "__main__.py" not in text and "evaluate.py" not in text
 
 
+def test_help_names_options_as_they_are_typed(tmp_path):
+    """Fire's help listed --label_fraction (and short flags like -m) and opened with "INFO: Showing help";
+    ours lists the options as the README and the errors spell them, on stdout, and runs nothing."""
+    result = run_cli("--help", "--out", str(tmp_path / "run"), module="medrobust.train")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--label-fraction VALUE  (default: 0.1)" in result.stdout and "share of training labels" in result.stdout
+    assert "_" not in " ".join(re.findall(r"^  (--\S+)", result.stdout, re.M))
+    assert "INFO" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_command_group_lists_its_commands_and_needs_one():
+    listed = run_cli("--help", module="export")
+    assert listed.returncode == 0 and all(c in listed.stdout for c in ("bundle", "verify", "keygen", "sign"))
+    bare = run_cli(module="export")
+    assert bare.returncode == 2 and "give a command" in _one_error_line(bare)
+
+
 def test_library_modules_do_not_import_the_commands():
     """Imports flow one way: no library module reaches up into a command-line module."""
     commands = {"medrobust.train", "medrobust.evaluate", "export.__main__"}
