@@ -143,31 +143,30 @@ class SquareAttack:
             queries[todo] += 1
 
         n_features = h * w * c
-        rows, cols = np.arange(h), np.arange(w)
         for it in range(self.n_queries - 1):
             idx = np.flatnonzero(~fooled)
             if len(idx) == 0:
                 break
-            xc, xb, e = x[idx], x_best[idx], eps[idx]
-            deltas = xb - xc
             p = p_selection(self.p_init, it, self.n_queries)
             s = min(max(int(round(math.sqrt(p * n_features / c))), 1), min(h, w) - 1) if min(h, w) > 1 else 1
             top = self.rng.integers(0, h - s + 1, size=len(idx))
             left = self.rng.integers(0, w - s + 1, size=len(idx))
-            in_rows = (rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + s)
-            in_cols = (cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + s)
-            window = (in_rows[:, :, None] & in_cols[:, None, :])[..., None]  # [m, h, w, 1]
+            # Only the s x s window changes: gather it ([m, s, s, c]) instead of working on whole images.
+            window = (idx[:, None, None], (top[:, None] + np.arange(s))[:, :, None],
+                      (left[:, None] + np.arange(s))[:, None, :])
+            x_win, best_win, e = x[window], x_best[window], eps[idx]
             # A new +-eps per channel for the window, redrawn (a few times at most) while it would not
             # change the current best image.
             signs = np.zeros((len(idx), 1, 1, c), np.float32)
             redraw = np.ones(len(idx), bool)
             for _ in range(16):
                 signs[redraw] = self.rng.choice([-1.0, 1.0], size=(int(redraw.sum()), 1, 1, c))
-                cand = np.clip(xc + np.where(window, signs * e, deltas), 0.0, 1.0)
-                redraw = ~np.any((np.abs(cand - xb) >= 1e-7) & window, axis=(1, 2, 3))
+                new_win = np.clip(x_win + signs * e, 0.0, 1.0)
+                redraw = ~np.any(np.abs(new_win - best_win) >= 1e-7, axis=(1, 2, 3))
                 if not redraw.any():
                     break
-            x_new = np.clip(xc + np.where(window, signs * e, deltas), 0.0, 1.0)
+            x_new = x_best[idx]
+            x_new[(np.arange(len(idx))[:, None, None],) + window[1:]] = new_win
             m_new, f_new = self._scores(x_new, y[idx], probs)
             queries[idx] += 1
             accept = (m_new < margin[idx]) | f_new
