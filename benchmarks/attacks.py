@@ -6,8 +6,8 @@ One model (the default small CNN, random weights: speed does not depend on train
 of phantom scans, L-inf eps = 4/255. Labels are the model's own predictions, so every image starts
 correctly classified; ART only attacks such images, so both libraries do the full work on every
 image. Our attacks run with early_stop=False for the same reason (early stopping only saves time).
-Every attack is called once before timing (warm-up: tf.function tracing and ART's own set-up are
-EXCLUDED); then the attacks are timed in interleaved rounds (load from other processes hits all of
+Every attack is called twice before timing (warm-up: tf.function tracing, our attacks' freezing of the
+model and ART's own set-up are EXCLUDED); then the attacks are timed in interleaved rounds (load from other processes hits all of
 them alike) and each figure is the median over --repeats rounds. Prints images/s and ratios:
   - PGD-10: ours vs ART ProjectedGradientDescent (max_iter=10, one random start);
   - PGD-10: ours vs a bare eager loop of 10 tf.GradientTape gradient evaluations (no sign, step,
@@ -57,6 +57,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
     for name, fn in fns.items():
         print(f"warming up {name} ...", file=sys.stderr, flush=True)
         fn()
+        fn()  # our attacks freeze the model once they saw its weights unchanged in two runs
     runs: dict[str, list] = {name: [] for name in fns}
     for r in range(repeats):
         for name, fn in fns.items():
@@ -110,10 +111,12 @@ def op_profile(model, x, y, macs: float, peak: float, runs: int = 10) -> None:
 
     import tensorflow as tf
 
-    from medrobust.attacks.inference import inference_function
+    from medrobust.attacks.inference import ModelInference
     from medrobust.attacks.losses import cross_entropy
 
-    call, _ = inference_function(model, x.shape[1:])
+    source = ModelInference(model)
+    source.current(x)
+    call, _ = source.current(x)  # frozen, as our attacks use it from their second run
 
     @tf.function
     def grad(v, t):
@@ -223,6 +226,15 @@ def main() -> None:
     parser.add_argument("--inter-op", type=int, default=0, help="TensorFlow inter-op threads (0: default)")
     parser.add_argument("--intra-op", type=int, default=0, help="TensorFlow intra-op threads (0: default)")
     args = parser.parse_args()
+    for name in ("batch", "size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.eps <= 1:
+        parser.error(f"--eps must be in (0, 1] ([0, 1] pixel scale), got {args.eps:g}")
+    if args.model and not (os.path.isfile(args.model) and args.model.endswith(".keras")):
+        hint = (f"; the classifier of a run is {os.path.join(args.model, 'classifier.keras')}"
+                if os.path.isfile(os.path.join(args.model, "classifier.keras")) else "")
+        parser.error(f"--model {args.model}: not a .keras classifier file{hint}")
     from medrobust.cli import import_tensorflow
 
     import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
@@ -236,7 +248,7 @@ def main() -> None:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
 
     from medrobust.attacks import APGD, PGD, predict_labels
-    from medrobust.attacks.inference import inference_function
+    from medrobust.attacks.inference import ModelInference
     from medrobust.data.phantom import make_phantom
     from medrobust.models import build_classifier
 
@@ -244,7 +256,11 @@ def main() -> None:
     if args.model:
         from medrobust.models import load_classifier
 
-        model = load_classifier(args.model)
+        try:
+            model = load_classifier(args.model)
+        except Exception as error:  # Keras' load errors are not one type
+            parser.error(f"--model {args.model}: cannot be loaded as a Keras model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})")
         args.size = int(model.input_shape[1])
     else:
         model = build_classifier("small_cnn", args.size, width=args.width)
@@ -287,11 +303,9 @@ def main() -> None:
         grads.update({"ours PGD-10 (bf16)": 10, "ours APGD-100 (bf16)": 101})
     if args.compare_inference:
         for form in ("frozen", "model"):
-            twin = keras.models.clone_model(model)
-            twin.set_weights(model.get_weights())
-            inference_function(twin, x.shape[1:], form=form)  # the form the attacks then find cached
-            pgd_form = PGD(twin, steps=10, early_stop=False)
-            apgd_form = APGD(twin, steps=100, loss="ce", early_stop=False)
+            pgd_form = PGD(model, steps=10, early_stop=False)
+            apgd_form = APGD(model, steps=100, loss="ce", early_stop=False)
+            pgd_form.inference, apgd_form.inference = ModelInference(model, form), ModelInference(model, form)
             fns[f"ours PGD-10 ({form})"] = lambda a=pgd_form: a.run(x, y, eps)
             fns[f"ours APGD-100 ({form})"] = lambda a=apgd_form: a.run(x, y, eps)
             grads.update({f"ours PGD-10 ({form})": 10, f"ours APGD-100 ({form})": 101})
@@ -320,7 +334,7 @@ def main() -> None:
           f"{model.count_params():,} parameters, {macs / 1e6:.1f} MMAC per input-gradient evaluation; batch {n}; "
           f"eps {eps:.4f}; median of {args.repeats} interleaved rounds after one warm-up call (tracing excluded)")
     print(f"machine peak: float32 2048x2048 matmul {peak:.1f} GMAC/s on the same threads")
-    print(f"our attacks differentiate the model's {inference_function(model, x.shape[1:])[0].kind} inference graph "
+    print(f"our attacks differentiate the model's {ours_pgd._logits.kind} inference graph "
           "(medrobust.attacks.inference); GMAC/s counts the model's multiply-accumulates")
     note = "   (peak: float32; bf16 rows can exceed it)" if args.bf16 else ""
     print(f"{'attack':<24}{'seconds':>10}{'CPU s':>8}{'images/s':>10}{'GMAC/s':>9}{'of peak':>9}{note}")
@@ -343,9 +357,9 @@ def main() -> None:
             print(f"  {name} robust accuracy on the float32 model: float32 attack {fp32:.3f}, bf16 attack {bf16:.3f}")
     if args.compare_inference:
         for form in ("frozen", "model"):
-            print(f"  PGD-10  ours / ours on the {form} form:{' ' * (7 - len(form))}"
+            print(f"  PGD-10  ours / ours on the {form} form:{' ' * (8 - len(form))}"
                   f"{ratio('ours PGD-10', f'ours PGD-10 ({form})'):.2f}x")
-            print(f"  APGD-100 ours / ours on the {form} form:{' ' * (6 - len(form))}"
+            print(f"  APGD-100 ours / ours on the {form} form:{' ' * (7 - len(form))}"
                   f"{ratio('ours APGD-100', f'ours APGD-100 ({form})'):.2f}x")
     if args.op_profile:
         op_profile(model, x, y, macs, peak)

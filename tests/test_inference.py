@@ -1,4 +1,5 @@
-"""Tests for medrobust.attacks.inference: the frozen, constant-folded graph the attacks differentiate."""
+"""Tests for medrobust.attacks.inference: the frozen inference graph the attacks differentiate, and when
+an attack uses it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from medrobust.attacks import APGD, FMN, PGD, SquareAttack, cross_entropy
+from medrobust.attacks import APGD, FMN, PGD, CarliniWagnerL2, SquareAttack, cross_entropy
 from medrobust.attacks import inference
-from medrobust.attacks.inference import inference_function
+from medrobust.attacks.inference import ModelInference
+from medrobust.attacks.square import keras_predict_fn
 from medrobust.models import build_classifier
 
 SIZE = 16
@@ -47,10 +49,12 @@ def input_gradient(call, x, y):
 def test_the_folded_graph_computes_the_model_and_its_gradient():
     model = model_with_batch_norm_statistics()
     x, y = images()
-    call, _ = inference_function(model)
+    source = ModelInference(model)
+    assert source.current(x)[0].kind == "model"  # weights seen once: not frozen yet
+    call, _ = source.current(x)
     assert call.kind == "constant-folded"
     ops = {op.type for op in call.function.graph.get_operations()}
-    assert "Mul" not in ops and "Rsqrt" not in ops, f"the batch norms were not folded: {sorted(ops)}"
+    assert not ops & {"Mul", "Rsqrt", "ReadVariableOp"}, f"batch norms not folded or weights not baked in: {sorted(ops)}"
     np.testing.assert_allclose(call(tf.constant(x)).numpy(), model(x, training=False).numpy(), atol=1e-5)
     ours, reference = input_gradient(call, x, y), input_gradient(lambda v: model(v, training=False), x, y)
     relative = (np.linalg.norm((ours - reference).reshape(len(x), -1), axis=1)
@@ -59,16 +63,32 @@ def test_the_folded_graph_computes_the_model_and_its_gradient():
     assert np.mean(relative < 1e-3) >= 0.9, relative
 
 
-def test_the_same_weights_give_the_same_function_and_changed_weights_a_new_one():
+def test_frozen_once_the_weights_are_stable_and_dropped_when_they_change():
     model = model_with_batch_norm_statistics()
-    first, version = inference_function(model)
-    assert inference_function(model) == (first, version)
+    x, _ = images(4)
+    source = ModelInference(model)
+    plain, plain_version = source.current(x)
+    frozen, frozen_version = source.current(x)
+    assert frozen.kind == "constant-folded" and frozen_version != plain_version
+    assert source.current(x) == (frozen, frozen_version)
     kernel, bias = model.get_layer("logits").get_weights()
     model.get_layer("logits").set_weights([kernel, bias + 1.0])
-    second, newer = inference_function(model)
-    assert newer != version and second is not first
-    x, _ = images(4)
-    np.testing.assert_allclose(second(tf.constant(x)).numpy(), model(x, training=False).numpy(), atol=1e-5)
+    assert source.current(x) == (plain, plain_version)  # the stale copy is not used, nor frozen again yet
+    refrozen, newer = source.current(x)
+    assert refrozen.kind == "constant-folded" and newer not in (plain_version, frozen_version)
+    np.testing.assert_allclose(refrozen(tf.constant(x)).numpy(), model(x, training=False).numpy(), atol=1e-5)
+
+
+def test_a_train_then_attack_loop_never_freezes_nor_retraces():
+    model = model_with_batch_norm_statistics()
+    x, y = images(8)
+    attack = PGD(model, steps=2)
+    versions = set()
+    for step in range(3):
+        attack.run(x, y, 0.01)
+        versions.add(attack._logits_version)
+        model.get_layer("logits").set_weights([w + 0.01 for w in model.get_layer("logits").get_weights()])
+    assert attack._logits.kind == "model" and len(versions) == 1
 
 
 def always_class_3(model) -> None:
@@ -77,24 +97,78 @@ def always_class_3(model) -> None:
     model.get_layer("logits").set_weights([np.zeros_like(kernel), np.array([0.0, 0.0, 0.0, 5.0], np.float32)])
 
 
-@pytest.mark.parametrize("name", ["pgd", "apgd", "fmn", "square"])
-def test_an_attack_sees_weights_changed_after_its_first_run(name):
-    """A reused attack object must attack the model as it is now, not a snapshot of its first run: after
-    the model was changed to predict class 3 everywhere, every image of class 0 is already misclassified."""
+@pytest.mark.parametrize("name", ["pgd", "apgd", "fmn", "cw", "square"])
+def test_an_attack_sees_weights_changed_after_it_froze_them(name):
+    """A reused attack object must attack the model as it is now, not the copy it froze: after the model
+    was changed to predict class 3 everywhere, every image of class 0 is already misclassified."""
     model = model_with_batch_norm_statistics()
     x, _ = images(16)
     y = np.zeros(len(x), np.int32)
     attack = {"pgd": lambda: PGD(model, steps=2), "apgd": lambda: APGD(model, steps=2),
-              "fmn": lambda: FMN(model, steps=2), "square": lambda: SquareAttack(model, n_queries=2)}[name]()
+              "fmn": lambda: FMN(model, steps=2), "cw": lambda: CarliniWagnerL2(model, steps=2, binary_search_steps=1),
+              "square": lambda: SquareAttack(model, n_queries=2)}[name]()
 
     def fooled():
         if name == "fmn":
             return attack.find(x, y)[1] == 0  # distance 0: misclassified as it is
+        if name == "cw":
+            return attack.find(x, y)[1]
         return attack.run(x, y, 0.01)[-1]
 
-    fooled()
+    fooled(), fooled()  # the second run freezes the weights
+    source = attack.predict_fn.inference if name == "square" else attack.inference
+    assert source._frozen is not None
     always_class_3(model)
     assert fooled().all()
+
+
+def test_keras_predict_fn_always_reads_the_current_weights():
+    model = model_with_batch_norm_statistics()
+    x, _ = images(4)
+    predict = keras_predict_fn(model)
+    predict(x)
+    always_class_3(model)
+    np.testing.assert_allclose(predict(x), model(x, training=False).numpy(), atol=1e-5)
+
+
+def test_a_logits_attack_refuses_a_probability_model_every_time():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 1))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(inputs)))
+    x, y = images(8)
+    for attack in (FMN(model, steps=2), CarliniWagnerL2(model, steps=2, binary_search_steps=1)):
+        for _ in range(2):
+            with pytest.raises(ValueError, match="needs logits"):
+                attack.find(x, y)
+
+
+def test_a_model_whose_softmax_was_removed_is_attacked_as_it_is_now():
+    """Stripping the softmax is what the refusal asks for; a new attack must see the logits, whatever an
+    earlier attack object froze."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 1))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(inputs)))
+    x, y = images(8)
+    earlier = PGD(model, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the log-probability warning
+        earlier.run(x, y, 0.01), earlier.run(x, y, 0.01)
+    model.layers[-1].activation = keras.activations.linear
+    attack = FMN(model, steps=2)
+    attack.find(x, y)
+    np.testing.assert_allclose(attack._logits(tf.constant(x)).numpy(), model(x, training=False).numpy(), atol=1e-5)
+
+
+def test_a_model_with_two_outputs_is_refused_with_the_way_out():
+    inputs = keras.Input((SIZE, SIZE, 1))
+    h = keras.layers.Flatten()(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(4)(h), keras.layers.Dense(1)(h)])
+    x, y = images(4)
+    for attack in (PGD(model, steps=1), FMN(model, steps=1)):
+        with pytest.raises(ValueError, match="2 outputs.*model.outputs"):
+            attack(x, y, 0.01)
+    with pytest.raises(ValueError, match="2 outputs"):
+        SquareAttack(model)
 
 
 def test_a_model_that_cannot_be_frozen_is_attacked_through_its_variables(monkeypatch):
@@ -105,17 +179,23 @@ def test_a_model_that_cannot_be_frozen_is_attacked_through_its_variables(monkeyp
     model = model_with_batch_norm_statistics()
     x, _ = images(8)
     y = np.argmax(model(x, training=False).numpy(), axis=1)
+    attack = PGD(model, steps=3)
+    attack.run(x, y, 0.05)
     with pytest.warns(UserWarning, match="could not freeze .*no converter here.*only slower"):
-        call, _ = inference_function(model)
-    assert call.kind == "model"
-    x_adv, _ = PGD(model, steps=3).run(x, y, 0.05)
-    assert np.abs(x_adv - x).max() <= 0.05 + 1e-6
-
-
-def test_forms_can_be_capped_for_benchmarks():
+        x_adv, _ = attack.run(x, y, 0.05)
+    assert attack._logits.kind == "model" and np.abs(x_adv - x).max() <= 0.05 + 1e-6
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a capped form is chosen, not a fallback
-        assert inference_function(model_with_batch_norm_statistics(), form="frozen")[0].kind == "frozen"
-        assert inference_function(model_with_batch_norm_statistics(), form="model")[0].kind == "model"
+        warnings.simplefilter("error")  # tried once, not at every run
+        attack.run(x, y, 0.05)
+
+
+def test_xla_attacks_and_the_model_form_never_freeze():
+    model = model_with_batch_norm_statistics()
+    x, y = images(4)
+    attack = PGD(model, steps=1, jit_compile=True)
+    attack.run(x, y, 0.01), attack.run(x, y, 0.01)
+    assert attack._logits.kind == "model"
+    source = ModelInference(model, form="model")
+    assert source.current(x)[0].kind == source.current(x)[0].kind == "model"
     with pytest.raises(ValueError, match="form must be one of"):
-        inference_function(model_with_batch_norm_statistics(), form="fast")
+        ModelInference(model, form="fast")

@@ -93,6 +93,7 @@ class APGD:
         self._is_check, self._check_len = is_check, check_len
         self.jit_compile = jit_compile
         self._logits = None  # set by each run, from the model's weights at that time
+        self.inference = None  # medrobust.attacks.inference.ModelInference, made on the first run
 
     def _compile(self):
         self._start = tf.function(self._first_point, jit_compile=self.jit_compile, reduce_retracing=True)

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from medrobust.attacks.inference import inference_function
+from medrobust.attacks.inference import ModelInference, check_single_output
 
 CHUNK_SECONDS = 1.0  # target wall time of one compiled chunk (the latency of Ctrl-C)
 _PROB_ATOL = 1e-3
@@ -88,32 +88,37 @@ def outputs_probabilities(model, x_sample: np.ndarray) -> bool:
                 and np.allclose(out.sum(axis=1), 1.0, atol=_PROB_ATOL))
 
 
-def bind_logits(attack, x_sample: np.ndarray, name: str, needs_logits: bool) -> bool:
-    """Point `attack._logits` (image batch -> logits) at `attack.model` with its CURRENT weights.
+def bind_logits(attack, x_sample: np.ndarray, name: str, needs_logits: bool, stacklevel: int = 3) -> bool:
+    """Point `attack._logits` (image batch -> logits) at `attack.model` as it is now.
 
-    The function is the model's frozen inference graph (medrobust.attacks.inference: weights as
-    constants, so batch norms fold into the convolutions). Returns True when it changed since the last
-    call (first call, or the weights changed): the attack must then rebuild its compiled functions,
-    which captured the old one.
+    The function comes from the attack's `inference` (medrobust.attacks.inference.ModelInference,
+    created here on first use): the model's frozen inference graph once its weights were seen unchanged
+    in two runs, else the model called through its variables. Returns True when it changed since the
+    last call: the attack must then rebuild its compiled functions, which captured the old one.
 
     A model that outputs probabilities is refused when `needs_logits` (DLR, C&W and FMN read logit
-    margins, which a saturated softmax flattens; as IBM ART does), otherwise its log-probabilities are
-    used (cross-entropy on them is exact: log softmax(log p) = log p) with a warning that gradients
-    vanish where the softmax saturates. Raises ValueError for the refused case.
+    margins, which a saturated softmax flattens; as IBM ART does), on every call, otherwise its
+    log-probabilities are used (cross-entropy on them is exact: log softmax(log p) = log p) with a
+    warning that gradients vanish where the softmax saturates. A model with several outputs is refused.
+    Raises ValueError for the refused cases.
     """
-    call, version = inference_function(attack.model, x_sample.shape[1:] if len(x_sample) else None)
+    check_single_output(attack.model, name)
+    if getattr(attack, "inference", None) is None:
+        attack.inference = ModelInference(attack.model, "model" if getattr(attack, "jit_compile", False)
+                                          else "constant-folded")
     probs = getattr(attack, "_probabilities", None)
-    if getattr(attack, "_logits_version", None) == version and probs is not None:
-        return False
     if probs is None and len(x_sample):
         probs = attack._probabilities = outputs_probabilities(attack.model, x_sample)
-        if probs and needs_logits:
-            raise ValueError(f"{name}: the model outputs probabilities (it ends in a softmax), but this attack "
-                             "needs logits; pass the model without its final softmax")
-        if probs:
+        if probs and not needs_logits:
             warnings.warn(f"{name}: the model outputs probabilities; attacking the log-probabilities instead "
                           "(exact for cross-entropy, but gradients vanish where the softmax saturates: "
-                          "pass the logits model for a reliable evaluation)", stacklevel=3)
+                          "pass the logits model for a reliable evaluation)", stacklevel=stacklevel)
+    if probs and needs_logits:
+        raise ValueError(f"{name}: the model outputs probabilities (it ends in a softmax), but this attack "
+                         "needs logits; pass the model without its final softmax")
+    call, version = attack.inference.current(x_sample)
+    if getattr(attack, "_logits_version", None) == version:
+        return False
     attack._logits = (lambda v: tf.math.log(tf.maximum(call(v), 1e-30))) if probs else call
     attack._logits_version = version
     return True

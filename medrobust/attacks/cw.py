@@ -43,6 +43,7 @@ class CarliniWagnerL2:
         self.lr, self.confidence, self.initial_const = lr, confidence, initial_const
         self.jit_compile = jit_compile
         self._logits = None  # set by each call, from the model's weights at that time
+        self.inference = None  # medrobust.attacks.inference.ModelInference, made on the first run
 
     def __call__(self, x, y, eps=None) -> tf.Tensor:
         x_adv, _, _ = self.find(x, y)

@@ -60,6 +60,7 @@ class FMN:
         self.gamma_init, self.gamma_final = gamma_init, gamma_final
         self.jit_compile = jit_compile
         self._logits = None  # set by each call, from the model's weights at that time
+        self.inference = None  # medrobust.attacks.inference.ModelInference, made on the first run
 
     def __call__(self, x, y, eps) -> tf.Tensor:
         x, y, eps = check_inputs(x, y, eps, self.norm, num_classes_of(self.model), "FMN")

@@ -5,35 +5,35 @@ re-reads every weight, and the inference-mode batch norms stay separate multiply
 activations, forward and backward. With the weights as constants (TensorFlow's
 `convert_variables_to_constants_v2`) and Grappler's constant folding and arithmetic passes run once over
 that graph (the passes TFLite's converter runs), each batch norm becomes part of the convolution before
-it. `python benchmarks/attacks.py --compare-inference [--model PATH]` times the three forms side by side
-(on the 2-core CPU, APGD-100 through the model's variables took 1.26-1.27x as long, on the benchmark's
-small CNN and on a trained 64-px strided_cnn) and `--op-profile` shows what is left besides the
-convolutions. The function computes `model(x, training=False)` to float rounding, and gradients flow
-through it.
+it. `python benchmarks/attacks.py --compare-inference [--model PATH]` times the forms side by side and
+`--op-profile` shows what is left besides the convolutions. The frozen function computes
+`model(x, training=False)` to float rounding, and gradients flow through it.
 
-The constants are a snapshot. `inference_function` fingerprints the weights on every call and freezes
-again when they changed (e.g. the model was trained further between two attack runs), and returns a
-version number so an attack knows to retrace its compiled steps. Every candidate must reproduce the
-model's outputs on a random batch and have an input gradient; a model none of the faster forms fits
-(several inputs or outputs, resources the converter cannot freeze) is called through its variables,
-with one warning (it is only slower).
+Each attack object owns one `ModelInference`. It fingerprints the weights at every run and freezes
+only once it has seen the same weights in two consecutive runs (an evaluation's second batch, an
+attack's second budget): a loop that trains a little and attacks once, over and over, keeps calling the
+model through its variables and never pays for freezing. When the weights change after freezing, the
+frozen copy is dropped and the model is called through its variables again. A model that cannot be
+frozen (resources the converter does not handle) or whose frozen graph does not reproduce it is always
+called through its variables, with one warning (it is only slower). Attacks compiled with XLA
+(`jit_compile=True`) never freeze: XLA constant-folds every baked-in weight at compile time.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import warnings
-import weakref
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_VERSIONS = itertools.count(1)
+FORMS = ("constant-folded", "frozen", "model")
 _OUTPUT_TOLERANCE = 1e-4  # largest |difference| of outputs, relative to max(1, largest |output|)
+_VERSIONS = itertools.count(1)
 
 
 def weights_fingerprint(model) -> str:
@@ -44,79 +44,89 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-FORMS = ("constant-folded", "frozen", "model")
+def check_single_output(model, name: str) -> None:
+    """Attacks need one logits output; raises ValueError naming the way out for a model with several."""
+    outputs = getattr(model, "outputs", None)
+    if outputs is not None and len(outputs) > 1:
+        raise ValueError(f"{name}: the model has {len(outputs)} outputs; attacks need one (the logits): pass "
+                         "keras.Model(model.inputs, model.outputs[i]) for the classifier's output")
 
 
-def inference_function(model, input_shape=None, form: str = "constant-folded") -> tuple[Callable, int]:
-    """(call, version): call(x) computes model(x, training=False) with the model's current weights frozen.
+class ModelInference:
+    """The function an attack calls for `model(x, training=False)`, and its version.
 
-    x: float32 [n, *input_shape], any n (input_shape: one image's shape; default the model's input).
-    call is traceable (usable inside tf.function), differentiable with respect to x, and has a `kind`
-    attribute: "constant-folded", "frozen" or "model" (the plain call, when neither faster form
-    reproduced the model). `version` changes whenever the returned function does (the weights changed
-    since the last call, another input shape, or a new model): a compiled caller that captured an older
-    function must retrace. `form` caps how far the graph is transformed (benchmarks compare the forms);
-    the first form built for a model and shape is kept until its weights change.
+    current(x_sample) -> (call, version): call is traceable and differentiable with respect to x; its
+    `kind` attribute says which form it is ("constant-folded", "frozen" or "model"). version changes
+    whenever call does: a compiled caller that captured an older call must retrace. form caps the form
+    ("model" never freezes; benchmarks compare the forms).
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-    shape = _image_shape(model, input_shape)
-    fingerprint = weights_fingerprint(model)
-    cached = _CACHE.get(model)
-    if cached is not None and cached[:2] == (fingerprint, shape):
-        return cached[2], cached[3]
-    call = _freeze(model, shape, FORMS.index(form))
-    version = next(_VERSIONS)
-    _CACHE[model] = (fingerprint, shape, call, version)
-    return call, version
+
+    def __init__(self, model, form: str = "constant-folded"):
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+        self.model, self.form = model, form
+        self._plain = _plain_call(model)
+        self._plain_version = next(_VERSIONS)
+        self._frozen = None  # (fingerprint, shape, call, version)
+        self._last = None  # (fingerprint, shape) of the previous run
+        self._failed = False  # freezing failed or did not reproduce the model: do not try again
+
+    def current(self, x_sample: np.ndarray):
+        shape = tuple(int(d) for d in x_sample.shape[1:])
+        if self.form == "model" or self._failed or not len(x_sample):
+            return self._plain, self._plain_version
+        fingerprint = weights_fingerprint(self.model)
+        key = (fingerprint, shape)
+        if self._frozen is not None and self._frozen[:2] == key:
+            return self._frozen[2], self._frozen[3]
+        if self._frozen is not None:  # the weights changed: drop the stale copy (its graphs are in cycles)
+            self._frozen = None
+            gc.collect()
+        seen_twice, self._last = self._last == key, key
+        if not seen_twice:
+            return self._plain, self._plain_version
+        call = _freeze(self.model, shape, self.form)
+        if call is None:
+            self._failed = True
+            return self._plain, self._plain_version
+        self._frozen = (fingerprint, shape, call, next(_VERSIONS))
+        return call, self._frozen[3]
 
 
-def _image_shape(model, input_shape) -> tuple | None:
-    if input_shape is not None:
-        return tuple(int(d) for d in input_shape)
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):  # a subclassed model that was never built on an input
-        return None
-    if inputs is None or len(inputs) != 1 or any(d is None for d in inputs[0].shape[1:]):
-        return None
-    return tuple(int(d) for d in inputs[0].shape[1:])
-
-
-def _freeze(model, shape, first: int = 0) -> Callable:
-    """The fastest of: the constant-folded frozen graph, the frozen graph, the model's own call (FORMS,
-    from FORMS[first] on)."""
+def _plain_call(model) -> Callable:
     def plain(v):
         return model(v, training=False)
 
     plain.kind = "model"
+    return plain
+
+
+def _freeze(model, shape, form: str) -> Callable | None:
+    """The constant-folded frozen graph (or the frozen one, with form="frozen") if it reproduces the
+    model, else None after one warning."""
+    plain = _plain_call(model)
     name = getattr(model, "name", "the model")
-    if FORMS[first] == "model":
-        return plain
-    if shape is None:
-        warnings.warn(f"attacks: the input shape of {name} is unknown (several inputs, or not built); calling it "
-                      "through its variables (correct, only slower)", stacklevel=4)
-        return plain
     try:
         concrete = tf.function(plain).get_concrete_function(tf.TensorSpec((None,) + shape, tf.float32))
         frozen = _single_output(convert_variables_to_constants_v2(concrete), "frozen")
     except Exception as error:  # the converter's failures are not one exception type
         warnings.warn(f"attacks: could not freeze {name} ({type(error).__name__}: {error}); calling it through "
-                      "its variables (correct, only slower)", stacklevel=4)
-        return plain
+                      "its variables (only slower)", stacklevel=5)
+        return None
     sample = tf.random.stateless_uniform((2,) + shape, seed=[0, 0])
     expected = plain(sample)
-    try:
-        folded = _single_output(_constant_folded(frozen.function), "constant-folded") if first == 0 else None
-        if folded is not None and _reproduces(folded, sample, expected):
-            return folded
-    except Exception:  # Grappler's failures are not one exception type; the frozen graph still serves
-        pass
+    if form == "constant-folded":
+        try:
+            folded = _single_output(_constant_folded(frozen.function), "constant-folded")
+            if _reproduces(folded, sample, expected):
+                return folded
+        except Exception:  # Grappler's failures are not one exception type; the frozen graph still serves
+            pass
     if _reproduces(frozen, sample, expected):
         return frozen
     warnings.warn(f"attacks: the frozen graph of {name} does not reproduce its outputs; calling it through "
-                  "its variables (correct, only slower)", stacklevel=4)
-    return plain
+                  "its variables (only slower)", stacklevel=5)
+    return None
 
 
 def _constant_folded(function):

@@ -121,6 +121,7 @@ class PGD:
         self.loss_fn, self.objective_fn, self.success_fn = loss_fn, objective_fn, success_fn
         self.jit_compile = jit_compile
         self._logits = None  # set by each run, from the model's weights at that time
+        self.inference = None  # medrobust.attacks.inference.ModelInference, made on the first run
 
     def _compile(self):
         self._chunk = tf.function(self._steps, jit_compile=self.jit_compile, reduce_retracing=True)
@@ -166,7 +167,7 @@ class PGD:
             if self._logits is None:
                 self._logits = _as_logits_fn(self.model)
                 self._compile()
-        elif bind_logits(self, x[:64], "PGD", needs_logits=self.loss_fn is dlr):
+        elif bind_logits(self, x[:64], "PGD", needs_logits=self.loss_fn is dlr, stacklevel=4):
             self._compile()
 
     def _random_start(self, x, eps):

@@ -30,22 +30,27 @@ def p_selection(p_init: float, it: int, n_iters: int) -> float:
 
 
 def keras_predict_fn(model) -> PredictFn:
-    """numpy -> numpy logits of a Keras model (model(x, training=False)), through one compiled call of its
-    frozen inference graph (medrobust.attacks.inference); SquareAttack refreshes it at every run, so
-    weights changed between runs are seen."""
-    return _KerasPredict(model)
+    """numpy -> numpy logits of a Keras model (model(x, training=False)) through one compiled call; it
+    reads the model's variables, so it always sees the current weights."""
+    import tensorflow as tf
+
+    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return lambda x: call(tf.convert_to_tensor(x, tf.float32)).numpy()
 
 
 class _KerasPredict:
+    """What SquareAttack queries when given a Keras model: its frozen inference graph once the weights
+    were seen unchanged in two runs (medrobust.attacks.inference), refreshed at the start of every run."""
+
     def __init__(self, model):
-        self.model, self.version, self.call = model, None, None
+        from medrobust.attacks.inference import ModelInference
+
+        self.inference, self.version, self.call = ModelInference(model), None, None
 
     def refresh(self, x_sample) -> None:
         import tensorflow as tf
 
-        from medrobust.attacks.inference import inference_function
-
-        fn, version = inference_function(self.model, x_sample.shape[1:] if len(x_sample) else None)
+        fn, version = self.inference.current(x_sample)
         if version != self.version:
             self.call, self.version = tf.function(fn, reduce_retracing=True), version
 
@@ -80,7 +85,10 @@ class SquareAttack:
         if output not in ("auto", "logits", "probs"):
             raise ValueError(f"output must be 'auto', 'logits' or 'probs', got {output!r}")
         if _is_keras_model(predict_fn):
-            predict_fn = keras_predict_fn(predict_fn)
+            from medrobust.attacks.inference import check_single_output
+
+            check_single_output(predict_fn, "SquareAttack")
+            predict_fn = _KerasPredict(predict_fn)
         self.predict_fn, self.n_queries, self.p_init, self.output = predict_fn, n_queries, p_init, output
         self.rng = np.random.default_rng(seed)
 

@@ -54,7 +54,6 @@ def make_attack(name: str, classifier, settings: AttackSettings, objective_fn=No
     FGSM); FMN and CarliniWagnerL2 are minimum-norm (their `find` gives every budget at once).
     objective_fn/success_fn make PGD/APGD adaptive."""
     from medrobust.attacks import APGD, FMN, PGD, CarliniWagnerL2, SquareAttack, fgsm
-    from medrobust.attacks.square import keras_predict_fn
 
     if name == "fgsm":
         return fgsm(classifier)
@@ -65,8 +64,7 @@ def make_attack(name: str, classifier, settings: AttackSettings, objective_fn=No
     if name == "cw":
         return CarliniWagnerL2(classifier, steps=settings.cw_steps, binary_search_steps=settings.cw_search_steps)
     if name == "square":
-        return SquareAttack(keras_predict_fn(classifier), n_queries=settings.square_queries, seed=settings.seed,
-                            output="logits")
+        return SquareAttack(classifier, n_queries=settings.square_queries, seed=settings.seed, output="logits")
     if name == "fmn":
         return FMN(classifier, norm="linf", steps=settings.fmn_steps)
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACK_NAMES)}")
