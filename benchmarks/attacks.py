@@ -6,9 +6,10 @@ One model (the default small CNN, random weights: speed does not depend on train
 of phantom scans, L-inf eps = 4/255. Labels are the model's own predictions, so every image starts
 correctly classified; ART only attacks such images, so both libraries do the full work on every
 image. Our attacks run with early_stop=False for the same reason (early stopping only saves time).
-Every attack is called twice before timing (warm-up: tf.function tracing, our attacks' freezing of the
-model and ART's own set-up are EXCLUDED); then the attacks are timed in interleaved rounds (load from other processes hits all of
-them alike) and each figure is the median over --repeats rounds. Prints images/s and ratios:
+Every attack is called once before timing (warm-up: tf.function tracing, our attacks' freezing of
+the model and ART's own set-up are EXCLUDED); then the attacks are timed in interleaved rounds (load
+from other processes hits all of them alike) and each figure is the median over --repeats rounds.
+Prints images/s and ratios:
   - PGD-10: ours vs ART ProjectedGradientDescent (max_iter=10, one random start);
   - PGD-10: ours vs a bare eager loop of 10 tf.GradientTape gradient evaluations (no sign, step,
     projection or bookkeeping), the floor for any 10-step gradient attack run eagerly;
@@ -57,7 +58,6 @@ def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
     for name, fn in fns.items():
         print(f"warming up {name} ...", file=sys.stderr, flush=True)
         fn()
-        fn()  # our attacks freeze the model once they saw its weights unchanged in two runs
     runs: dict[str, list] = {name: [] for name in fns}
     for r in range(repeats):
         for name, fn in fns.items():
@@ -114,9 +114,7 @@ def op_profile(model, x, y, macs: float, peak: float, runs: int = 10) -> None:
     from medrobust.attacks.inference import ModelInference
     from medrobust.attacks.losses import cross_entropy
 
-    source = ModelInference(model)
-    source.current(x)
-    call, _ = source.current(x)  # frozen, as our attacks use it from their second run
+    call, _ = ModelInference(model).current(x)  # frozen, as our attacks use it
 
     @tf.function
     def grad(v, t):
@@ -218,7 +216,8 @@ def main() -> None:
     parser.add_argument("--skip-art", action="store_true", help="only our attacks and the eager loop")
     parser.add_argument("--bf16", action="store_true", help="also time our attacks on a bfloat16 twin of the model")
     parser.add_argument("--model", default=None,
-                        help="a trained classifier (.keras) instead of the random-weight small CNN (--size is then its input)")
+                        help="a trained classifier (.keras) instead of the random-weight small CNN "
+                             "(--size is then its input)")
     parser.add_argument("--op-profile", action="store_true",
                         help="also print where one input-gradient evaluation spends its time, op by op")
     parser.add_argument("--compare-inference", action="store_true",
@@ -332,7 +331,8 @@ def main() -> None:
     width = f"width {model.get_layer('features').units // 4}, " if not args.model else f"from {args.model}, "
     print(f"model {model.name} {args.size}x{args.size} {width}"
           f"{model.count_params():,} parameters, {macs / 1e6:.1f} MMAC per input-gradient evaluation; batch {n}; "
-          f"eps {eps:.4f}; median of {args.repeats} interleaved rounds after one warm-up call (tracing excluded)")
+          f"eps {eps:.4f}; median of {args.repeats} interleaved rounds after one warm-up call "
+          "(tracing and freezing excluded)")
     print(f"machine peak: float32 2048x2048 matmul {peak:.1f} GMAC/s on the same threads")
     print(f"our attacks differentiate the model's {ours_pgd._logits.kind} inference graph "
           "(medrobust.attacks.inference); GMAC/s counts the model's multiply-accumulates")

@@ -297,7 +297,8 @@ def check_command_line(component, argv: list[str]):
         raise ShowHelp(help_text(component, argv))
     if isinstance(component, dict):
         if not argv:
-            raise UsageError(f"give a command: {program_name()} {'|'.join(component)} [options] (--help describes them)")
+            raise UsageError(f"give a command: {program_name()} {'|'.join(component)} [options] "
+                             "(--help describes them)")
         command = argv[0]
         if _is_flag(command):
             raise UsageError(f"give the command first: {program_name()} {'|'.join(component)} [options]")

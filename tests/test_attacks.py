@@ -269,12 +269,11 @@ def test_restarts_do_not_lose_fooled_images(trained, make):
 
 
 def test_objective_fn_reproduces_default_loss(trained):
-    """Bit for bit, given the same network: by its second run the default loss runs on the model's frozen
-    inference graph (medrobust.attacks.inference), so the objective calls that graph too
-    (tests/test_inference.py compares it with the model's own call)."""
+    """Bit for bit, given the same network: the default loss runs on the model's frozen inference graph
+    (medrobust.attacks.inference), so the objective calls that graph too (tests/test_inference.py
+    compares it with the model's own call)."""
     model, x, y = trained
     attack = PGD(model, steps=5, random_start=False)
-    attack(x, y, EPS)
     default = attack(x, y, EPS)
     call, _ = attack.inference.current(x)
     assert call.kind != "model"

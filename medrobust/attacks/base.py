@@ -92,8 +92,8 @@ def bind_logits(attack, x_sample: np.ndarray, name: str, needs_logits: bool, sta
     """Point `attack._logits` (image batch -> logits) at `attack.model` as it is now.
 
     The function comes from the attack's `inference` (medrobust.attacks.inference.ModelInference,
-    created here on first use): the model's frozen inference graph once its weights were seen unchanged
-    in two runs, else the model called through its variables. Returns True when it changed since the
+    created here on first use): the model's frozen inference graph, or the model called through its
+    variables while its weights keep changing between runs. Returns True when it changed since the
     last call: the attack must then rebuild its compiled functions, which captured the old one.
 
     A model that outputs probabilities is refused when `needs_logits` (DLR, C&W and FMN read logit

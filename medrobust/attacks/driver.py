@@ -15,7 +15,8 @@ def attack_batches(attack, x: np.ndarray, y: np.ndarray, eps, batch_size: int = 
     or one value per image; x_init (optional, like x) is passed on as `attack(..., x_init=...)`."""
     eps = np.asarray(eps, np.float32)
     out = np.empty_like(x, dtype=np.float32)
-    bar = tqdm(total=len(x), desc=desc, unit="img", disable=None if progress else True, leave=False)  # None: only on a terminal
+    # disable=None: bars only on a terminal, never in a log file
+    bar = tqdm(total=len(x), desc=desc, unit="img", disable=None if progress else True, leave=False)
     for start in range(0, len(x), batch_size):
         stop = min(start + batch_size, len(x))
         batch_eps = eps if eps.ndim == 0 else eps[start:stop]

@@ -9,11 +9,10 @@ it. `python benchmarks/attacks.py --compare-inference [--model PATH]` times the 
 `--op-profile` shows what is left besides the convolutions. The frozen function computes
 `model(x, training=False)` to float rounding, and gradients flow through it.
 
-Each attack object owns one `ModelInference`. It fingerprints the weights at every run and freezes
-only once it has seen the same weights in two consecutive runs (an evaluation's second batch, an
-attack's second budget): a loop that trains a little and attacks once, over and over, keeps calling the
-model through its variables and never pays for freezing. When the weights change after freezing, the
-frozen copy is dropped and the model is called through its variables again. A model that cannot be
+Each attack object owns one `ModelInference`. It fingerprints the weights at every run, freezes them
+at the first run, and when they have changed since, drops the frozen copy and calls the model through
+its variables, freezing again only weights it then sees unchanged in two consecutive runs: a loop that
+trains a little and attacks once, over and over, pays for one freeze, not one per round. A model that cannot be
 frozen (resources the converter does not handle) or whose frozen graph does not reproduce it is always
 called through its variables, with one warning (it is only slower). Attacks compiled with XLA
 (`jit_compile=True`) never freeze: XLA constant-folds every baked-in weight at compile time.
@@ -55,7 +54,8 @@ def check_single_output(model, name: str) -> None:
 class ModelInference:
     """The function an attack calls for `model(x, training=False)`, and its version.
 
-    current(x_sample) -> (call, version): call is traceable and differentiable with respect to x; its
+    current(x_sample) -> (call, version), at the start of every attack run (x_sample: that run's images,
+    float32 [n, ...]): call is traceable and differentiable with respect to x; its
     `kind` attribute says which form it is ("constant-folded", "frozen" or "model"). version changes
     whenever call does: a compiled caller that captured an older call must retrace. form caps the form
     ("model" never freezes; benchmarks compare the forms).
@@ -82,8 +82,8 @@ class ModelInference:
         if self._frozen is not None:  # the weights changed: drop the stale copy (its graphs are in cycles)
             self._frozen = None
             gc.collect()
-        seen_twice, self._last = self._last == key, key
-        if not seen_twice:
+        first, seen_twice, self._last = self._last is None, self._last == key, key
+        if not (first or seen_twice):
             return self._plain, self._plain_version
         call = _freeze(self.model, shape, self.form)
         if call is None:

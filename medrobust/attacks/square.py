@@ -39,8 +39,8 @@ def keras_predict_fn(model) -> PredictFn:
 
 
 class _KerasPredict:
-    """What SquareAttack queries when given a Keras model: its frozen inference graph once the weights
-    were seen unchanged in two runs (medrobust.attacks.inference), refreshed at the start of every run."""
+    """What SquareAttack queries when given a Keras model: its frozen inference graph while the weights
+    stay as they were (medrobust.attacks.inference), refreshed at the start of every run."""
 
     def __init__(self, model):
         from medrobust.attacks.inference import ModelInference
