@@ -22,8 +22,7 @@ import tensorflow as tf
 
 from medrobust.attacks.base import bind_logits, check_inputs, num_classes_of, per_image, run_steps
 from medrobust.attacks.losses import cross_entropy, dlr
-from medrobust.attacks.pgd import (LossFn, ObjectiveFn, SuccessFn, _as_logits_fn, _l2_norm, _project_np,
-                                   loss_gradient, project)
+from medrobust.attacks.pgd import LossFn, ObjectiveFn, SuccessFn, _l2_norm, _project_np, loss_gradient, project
 
 LOSSES = {"ce": cross_entropy, "dlr": dlr}
 
@@ -105,11 +104,7 @@ class APGD:
     def run(self, x, y, eps, x_init=None) -> tuple[np.ndarray, np.ndarray]:
         """(x_adv float32 numpy like x, fooled bool [n]): see the class docstring."""
         x, y, eps = check_inputs(x, y, eps, self.norm, num_classes_of(self.model), "APGD")
-        if self.objective_fn is not None:  # the objective calls the model itself
-            if self._logits is None:
-                self._logits = _as_logits_fn(self.model)
-                self._compile()
-        elif bind_logits(self, x[:64], f"APGD-{self.loss_name.upper()}", needs_logits=self.loss_name == "dlr"):
+        if bind_logits(self, x[:64], f"APGD-{self.loss_name.upper()}", needs_logits=self.loss_name == "dlr"):
             self._compile()
         n = len(x)
         fooled = np.zeros(n, bool)

@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -88,8 +89,19 @@ def outputs_probabilities(model, x_sample: np.ndarray) -> bool:
                 and np.allclose(out.sum(axis=1), 1.0, atol=_PROB_ATOL))
 
 
+def as_logits_fn(logits_of):
+    """A Keras model as a function image batch -> logits (called with training=False); any other callable
+    as it is."""
+    if isinstance(logits_of, keras.Model):
+        return lambda v: logits_of(v, training=False)
+    return logits_of
+
+
 def bind_logits(attack, x_sample: np.ndarray, name: str, needs_logits: bool, stacklevel: int = 3) -> bool:
     """Point `attack._logits` (image batch -> logits) at `attack.model` as it is now.
+
+    An attack with an `objective_fn` (adaptive attacks: the objective calls the model itself) gets the
+    model's own call, bound once.
 
     The function comes from the attack's `inference` (medrobust.attacks.inference.ModelInference,
     created here on first use): the model's frozen inference graph, or the model called through its
@@ -102,6 +114,11 @@ def bind_logits(attack, x_sample: np.ndarray, name: str, needs_logits: bool, sta
     warning that gradients vanish where the softmax saturates. A model with several outputs is refused.
     Raises ValueError for the refused cases.
     """
+    if getattr(attack, "objective_fn", None) is not None:
+        if attack._logits is not None:
+            return False
+        attack._logits = as_logits_fn(attack.model)
+        return True
     check_single_output(attack.model, name)
     if getattr(attack, "inference", None) is None:
         attack.inference = ModelInference(attack.model, "model" if getattr(attack, "jit_compile", False)

@@ -12,7 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from medrobust.attacks.base import batched, bind_logits, check_inputs, num_classes_of, per_image, run_steps
+from medrobust.attacks.base import (as_logits_fn, batched, bind_logits, check_inputs, num_classes_of, per_image,
+                                    run_steps)
 from medrobust.attacks.losses import cross_entropy, dlr, misclassified
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (logits, y) -> per-example loss to maximise
@@ -39,7 +40,7 @@ def loss_gradient(logits_of, x_adv: tf.Tensor, y: tf.Tensor, loss_fn: LossFn,
     `objective_fn(x_adv, y)` if given, else `loss_fn(logits_of(x_adv), y)`; success is what objective_fn
     returned beside the loss, else `success_fn(x_adv, y)`, else misclassification.
     """
-    call = _as_logits_fn(logits_of)
+    call = as_logits_fn(logits_of)
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(x_adv)
         success = None
@@ -64,13 +65,7 @@ def is_adversarial(logits_of, x_adv: tf.Tensor, y: tf.Tensor, success_fn: Succes
     """Per-example success: `success_fn(x_adv, y)` if given, else misclassification."""
     if success_fn is not None:
         return tf.cast(success_fn(x_adv, y), tf.bool)
-    return misclassified(_as_logits_fn(logits_of)(x_adv), y)
-
-
-def _as_logits_fn(logits_of):
-    if isinstance(logits_of, keras.Model):
-        return lambda v: logits_of(v, training=False)
-    return logits_of
+    return misclassified(as_logits_fn(logits_of)(x_adv), y)
 
 
 def project(x_adv: tf.Tensor, x: tf.Tensor, eps: tf.Tensor, norm: str) -> tf.Tensor:
@@ -163,11 +158,7 @@ class PGD:
         return np.where(fooled.reshape((-1,) + (1,) * (x.ndim - 1)), best, last), fooled
 
     def _prepare(self, x):
-        if self.objective_fn is not None:  # the objective calls the model itself
-            if self._logits is None:
-                self._logits = _as_logits_fn(self.model)
-                self._compile()
-        elif bind_logits(self, x[:64], "PGD", needs_logits=self.loss_fn is dlr, stacklevel=4):
+        if bind_logits(self, x[:64], "PGD", needs_logits=self.loss_fn is dlr, stacklevel=4):
             self._compile()
 
     def _random_start(self, x, eps):
