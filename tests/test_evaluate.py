@@ -236,6 +236,7 @@ def test_split_all_evaluates_every_image_of_an_external_folder(phantom_system_ru
                      "--eps", "0.004", "--adaptive", "false", "--out", str(out), module="medrobust.evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "broken.jpeg" in result.stderr
+    assert "img/s" not in result.stderr, "image-loading progress bars in a pipe"
     report = json.loads((out / "report.json").read_text())
     assert report["n_images"] == kept and report["data"]["whole_folder"] is True
     assert report["synthetic_data"] is False and str(folder) in report["data_source"]

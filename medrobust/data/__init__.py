@@ -7,7 +7,6 @@ pipelines live in `medrobust.data.pipeline`.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +166,7 @@ def _from_folder(path: Path, image_size: int, seed: int) -> OCTData:
     from medrobust.data import folders
 
     if folders.is_kermany_root(path):
-        loaded = folders.load_kermany_splits(path, image_size, progress=sys.stderr.isatty())
+        loaded = folders.load_kermany_splits(path, image_size, progress=True)
         splits = {name: (part.x, part.y) for name, part in loaded.items()}
         patients = {name: part.patients for name, part in loaded.items()}
         skipped = [s for part in loaded.values() for s in part.skipped]
@@ -180,7 +179,7 @@ def _from_folder(path: Path, image_size: int, seed: int) -> OCTData:
             splits["val"] = (train.x[is_val], train.y[is_val])
             patients["train"], patients["val"] = list(ids[~is_val]), list(ids[is_val])
     else:
-        part = folders.load_image_tree(path, image_size, progress=sys.stderr.isatty())
+        part = folders.load_image_tree(path, image_size, progress=True)
         which = patient_split(part.files, seed)
         splits = {s: (part.x[which == s], part.y[which == s]) for s in SPLIT_NAMES}
         patients = {s: [p for p, w in zip(part.patients, which) if w == s] for s in SPLIT_NAMES}

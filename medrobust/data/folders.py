@@ -126,13 +126,14 @@ def _require_dir(root: str) -> None:
 
 
 def _progress(items, enabled: bool, desc: str):
+    """items with a progress bar when enabled and stderr is a terminal (never in a log file or pipe)."""
     if not enabled:
         return items
     try:
         from tqdm import tqdm
     except Exception:  # tqdm is optional
         return items
-    return tqdm(items, desc=desc, unit="img", leave=False)
+    return tqdm(items, desc=desc, unit="img", leave=False, disable=None)  # None: only on a terminal
 
 
 def _empty(image_size: int) -> FolderImages:
