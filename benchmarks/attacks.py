@@ -73,9 +73,10 @@ def median_seconds(name: str, fn, repeats: int) -> float:
     return statistics.median(timed(fn)[0] for _ in range(repeats))
 
 
-def gradient_macs(model, image_shape) -> float:
-    """Multiply-accumulates of one input-gradient evaluation (forward + backward to the input) of one
-    image, from TensorFlow's profiler on the frozen gradient graph (flops / 2)."""
+def frozen_input_gradient(call, x_shape):
+    """The graph of one cross-entropy input-gradient evaluation of call (image batch -> logits) on a batch
+    of x_shape, with every variable frozen to a constant (a ConcreteFunction: inputs x, y; output the
+    gradient)."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -85,10 +86,19 @@ def gradient_macs(model, image_shape) -> float:
     def grad(x, y):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
-            loss = cross_entropy(model(x, training=False), y)
+            loss = cross_entropy(call(x), y)
         return tape.gradient(loss, x)
 
-    concrete = grad.get_concrete_function(tf.TensorSpec((1,) + tuple(image_shape)), tf.TensorSpec([1], tf.int32))
+    specs = tf.TensorSpec(tuple(x_shape)), tf.TensorSpec(tuple(x_shape[:1]), tf.int32)
+    return convert_variables_to_constants_v2(grad.get_concrete_function(*specs))
+
+
+def gradient_macs(model, image_shape) -> float:
+    """Multiply-accumulates of one input-gradient evaluation (forward + backward to the input) of one
+    image, from TensorFlow's profiler on the frozen gradient graph (flops / 2)."""
+    import tensorflow as tf
+
+    graph = frozen_input_gradient(lambda v: model(v, training=False), (1,) + tuple(image_shape)).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     level = tf.get_logger().level
@@ -96,8 +106,7 @@ def gradient_macs(model, image_shape) -> float:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            profile = tf.compat.v1.profiler.profile(graph=convert_variables_to_constants_v2(concrete).graph,
-                                                    options=options)
+            profile = tf.compat.v1.profiler.profile(graph=graph, options=options)
     finally:
         tf.get_logger().setLevel(level)
     return profile.total_float_ops / 2
@@ -112,20 +121,9 @@ def op_profile(model, x, y, macs: float, peak: float, runs: int = 10) -> None:
     import tensorflow as tf
 
     from medrobust.attacks.inference import ModelInference
-    from medrobust.attacks.losses import cross_entropy
 
     call, _ = ModelInference(model).current(x)  # frozen, as our attacks use it
-
-    @tf.function
-    def grad(v, t):
-        with tf.GradientTape() as tape:
-            tape.watch(v)
-            loss = cross_entropy(call(v), t)
-        return tape.gradient(loss, v)
-
-    concrete = grad.get_concrete_function(tf.TensorSpec(x.shape), tf.TensorSpec(y.shape, tf.int32))
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-    frozen = convert_variables_to_constants_v2(concrete)
+    frozen = frozen_input_gradient(call, x.shape)
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(frozen.graph.as_graph_def(), name="")
