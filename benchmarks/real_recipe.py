@@ -38,10 +38,24 @@ def count_macs(classifier, image_size: int) -> int:
     return int(profile(graph, options=options).total_float_ops // 2)
 
 
-def predict(classifier, x):
+def probabilities(classifier, x, flip: bool = False):
+    """float64 [n, classes] softmax of the classifier; flip=True averages it with that of the mirrored scans
+    (test-time flip, as horizontal flips are part of training augmentation)."""
     import numpy as np
 
-    return np.argmax(classifier.predict(x, batch_size=256, verbose=0), axis=-1)
+    def softmax(images):
+        logits = np.asarray(classifier.predict(images, batch_size=256, verbose=0), np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p = softmax(x)
+    return (p + softmax(x[:, :, ::-1])) / 2 if flip else p
+
+
+def predict(classifier, x, flip: bool = False):
+    import numpy as np
+
+    return np.argmax(probabilities(classifier, x, flip), axis=-1)
 
 
 def scores(y, pred, classes) -> dict:
@@ -57,7 +71,8 @@ def scores(y, pred, classes) -> dict:
 
 
 def per_class(classifier, x, y, classes) -> dict:
-    return scores(y, predict(classifier, x), classes)
+    """scores() of the plain predictions, with those of test-time flip averaging under "flip_tta"."""
+    return {**scores(y, predict(classifier, x), classes), "flip_tta": scores(y, predict(classifier, x, True), classes)}
 
 
 def main() -> None:
@@ -72,6 +87,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--augment", default="true", choices=("true", "false"))
     parser.add_argument("--class-weight", default="balanced", choices=("balanced", "none"))
+    parser.add_argument("--sampling", default="natural", choices=("natural", "balanced"),
+                        help="balanced: every class equally often in the labeled batches (medrobust.data.pipeline)")
     parser.add_argument("--augmentation", default=None,
                         help='JSON overriding keys of medrobust.data.pipeline.AUGMENTATION, e.g. \'{"rotate": 10}\'')
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +134,8 @@ def main() -> None:
         times = []
         timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: times.append(-time.time()),
                                                on_epoch_end=lambda e, logs: times.__setitem__(-1, times[-1] + time.time()))
-        history = trainer.fit(train_dataset(x, y, args.batch_size, seed, augment=recipe["augmentation"]),
+        history = trainer.fit(train_dataset(x, y, args.batch_size, seed, augment=recipe["augmentation"],
+                                            sampling=args.sampling),
                               epochs=args.epochs, steps_per_epoch=steps, validation_data=eval_dataset(x_val, y_val),
                               callbacks=[timer], verbose=2)
         return classifier, times, history.history["val_accuracy"]
@@ -132,18 +150,20 @@ def main() -> None:
         x = np.concatenate([data["train"][0], data["val"][0]])
         y = np.concatenate([data["train"][1], data["val"][1]])
         groups = np.array(data.patients["train"] + data.patients["val"], dtype=object)
-        truth, preds, fold_accuracy, epoch_times, curves = [], [], [], [], []
+        truth, preds, flip_preds, fold_accuracy, epoch_times, curves = [], [], [], [], [], []
         folds = StratifiedGroupKFold(args.folds, shuffle=True, random_state=args.seed)
         for k, (tr, va) in enumerate(folds.split(x, y, groups)):
             classifier, times, curve = fit(x[tr], y[tr], x[va], y[va], args.seed + k)
             truth.append(y[va])
             preds.append(predict(classifier, x[va]))
+            flip_preds.append(predict(classifier, x[va], True))
             fold_accuracy.append(round(float(np.mean(preds[-1] == truth[-1])), 4))
             epoch_times += times
             curves.append(curve)
             print(f"fold {k}: {scores(truth[-1], preds[-1], data.classes)}", flush=True)
         val_report = {"folds": args.folds, "images": int(len(y)), "fold_accuracy": fold_accuracy,
-                      **scores(np.concatenate(truth), np.concatenate(preds), data.classes)}
+                      **scores(np.concatenate(truth), np.concatenate(preds), data.classes),
+                      "flip_tta": scores(np.concatenate(truth), np.concatenate(flip_preds), data.classes)}
     else:
         x, y = data["train"]
         classifier, epoch_times, curve = fit(x, y, *data["val"], args.seed)
@@ -154,7 +174,7 @@ def main() -> None:
         "data": data.describe(), "arch": args.arch, "width": args.width, "image_size": args.image_size,
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "augment": args.augment, "augmentation": args.augmentation, "class_weight": args.class_weight,
-        "seed": args.seed,
+        "sampling": args.sampling, "seed": args.seed,
         "params": int(classifier.count_params()), "macs": count_macs(classifier, args.image_size),
         "load_seconds": round(load_seconds, 2), "train_seconds": round(train_seconds, 1),
         "first_epoch_seconds": round(epoch_times[0], 1),

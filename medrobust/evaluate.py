@@ -198,7 +198,9 @@ def _evaluate(run_dir, config, data, split, names, budgets, eps_l2, adaptive, li
     print(f"evaluating {run_dir} on {data_info['describe']}; {len(y)} images"
           + ("" if detector else "; no detector in this run")
           + (f"; resuming: {finished} (attack, eps) results already in {state.dir}" if finished else ""))
-    evaluator = SystemEvaluator(classifier, detector, x, y, settings, batch_size, progress)
+    referral = _run_referral(run_dir)
+    evaluator = SystemEvaluator(classifier, detector, x, y, settings, batch_size, progress,
+                                referral_threshold=referral["threshold"] if referral else None)
     report = {"run": str(run_dir), "complete": False, "command": _command(),
               "run_config": {k: config.get(k) for k in RUN_CONFIG_KEYS},
               "data_source": data_info["source"], "synthetic_data": data_info["synthetic"],
@@ -210,6 +212,8 @@ def _evaluate(run_dir, config, data, split, names, budgets, eps_l2, adaptive, li
                                       "budgets": list(l2_budgets if NORMS[n] == "l2" else budgets)} for n in names},
               "norms": {n: NORMS[n] for n in names},
               "warnings": [w for w in [small_sample_warning(len(y))] if w],
+              "referral_point": ({k: referral.get(k) for k in ("target_sensitivity", "threshold", "score", "chosen_on")}
+                                 if referral else None),
               **evaluator.clean_report(), "attacks": {}, "min_norm": {}}
     if state.seconds("clean") is None:
         state.set_seconds("clean", round(time.time() - started, 1))
@@ -253,6 +257,15 @@ def _evaluate(run_dir, config, data, split, names, budgets, eps_l2, adaptive, li
     print(f"wrote {out_dir / 'report.json'}, report.md and {len(report['plots'])} plots "
           f"({report['seconds']} s of compute)")
     return report
+
+
+def _run_referral(run_dir: Path) -> dict | None:
+    """The referral operating point the run chose on its validation split (metrics.json), or None (older runs:
+    the report then gives referral at the arg-max decision only)."""
+    path = run_dir / "metrics.json"
+    metrics = read_json(path) if path.is_file() else {}
+    point = metrics.get("referral") if isinstance(metrics, dict) else None
+    return point if isinstance(point, dict) and isinstance(point.get("threshold"), (int, float)) else None
 
 
 def _f(v) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from medrobust import cli
 from medrobust.io import atomic_save_model, atomic_write_json, package_versions, read_json
 
-METHODS = ("ssat", "standard", "pgd_at", "trades")
+METHODS = ("ssat", "standard", "pgd_at", "trades", "mart")
 ATTACKS = ("fgsm", "pgd")
 SSAT_LOSSES = ("ce", "trades")
 STRATEGIES = ("none", "mirrored", "multiworker")
@@ -26,10 +26,13 @@ ARCH_MIN_SIZE = {"mobilenet_v3_small": 32}  # medrobust.models.mobilenet.MIN_SIZ
 STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
 AUGMENT = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
+SAMPLINGS = ("natural", "balanced")  # medrobust.data.pipeline.SAMPLINGS (checked before TensorFlow loads)
 DETECTOR_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
                   "squeeze_bits", "squeeze_median", "boundary")  # medrobust.detection.ALL_PARTS (checked before TF loads)
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
+# Options added after runs were written: a config.json without them was trained with these values.
+ADDED_LATER = {"sampling": "natural", "referral_sensitivity": 0.95}
 # What this command writes into --out (and all --overwrite may remove): files, and folders with the
 # files in them that are ours (the detector's, see medrobust.detection.detector; Keras BackupAndRestore's;
 # TensorBoard's event files).
@@ -48,6 +51,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
           teacher: str | None = "snapshot", pretrain_epochs: float = 3.0, strategy: str = "none",
           detector_epochs: int = 10, target_fpr: float = 0.05, detector_parts: str = "default", augment: str = "auto", class_weight: str = "balanced",
+          sampling: str = "natural", referral_sensitivity: float = 0.95,
           weights: str | None = None, overwrite="false", tensorboard="false", progress="true") -> dict:
     """Train a classifier with the chosen method and, unless --detector false, the UAD detector.
 
@@ -55,7 +59,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       data: auto | phantom | octmnist | PATH (.npz or a Kermany-style folder). auto: OCTMNIST if on disk
         or downloadable (MD5-checked), else the SYNTHETIC phantom with a warning. The data actually used
         is recorded in config.json; evaluate and export use it by default.
-      method: ssat | standard | pgd_at | trades.
+      method: ssat | standard | pgd_at | trades | mart (Wang et al. 2020: boosted CE on PGD adversaries +
+        beta * KL weighted by the clean misclassification, see medrobust/training/supervised.py).
       label_fraction: share of training labels used (stratified), in (0, 1]; SSAT uses the rest as
         unlabeled data.
       epochs: training epochs (one epoch = ceil(n_train / batch_size) steps for every method), or auto,
@@ -78,9 +83,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       lr: Adam's (initial) learning rate.
       lr_schedule: cosine (Adam's learning rate decays to 0 over all epochs) | constant. The decay
         also settles BatchNorm's moving statistics, so the final model is not a mid-swing snapshot.
-      pgd_steps: PGD iterations for --attack pgd, PGD-AT and TRADES.
-      train_eps: the budget of PGD-AT, TRADES and SSAT --ssat-loss trades adversaries ([0, 1] pixel scale).
-      beta: TRADES (and SSAT --ssat-loss trades) trade-off weight.
+      pgd_steps: PGD iterations for --attack pgd, PGD-AT, TRADES and MART.
+      train_eps: the budget of PGD-AT, TRADES, MART and SSAT --ssat-loss trades adversaries ([0, 1] pixel scale).
+      beta: TRADES, MART (and SSAT --ssat-loss trades) trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
       teacher: where SSAT's pseudo-labels come from: snapshot (a frozen copy of the model taken after
         --pretrain-epochs of labeled-only training), none (the current model; unstable, see
@@ -98,6 +103,11 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       augment: auto (on for real scans, off for the synthetic phantom) | true | false: random flips,
         shifts, zooms, brightness and contrast of training images (medrobust.data.pipeline.AUGMENTATION).
       class_weight: balanced (each class weighs n / (4 n_c) in every method's labeled loss) | none.
+      sampling: natural (shuffled passes over the labeled scans) | balanced (each class drawn equally often
+        into the labeled batches, so rare classes are seen and attacked as often as common ones).
+      referral_sensitivity: target disease-vs-NORMAL sensitivity in (0, 1] for the referral operating
+        point: the threshold on P(disease) = 1 - P(NORMAL) is chosen on the validation split (the highest
+        one that reaches the target there), written to metrics.json, and used by evaluate and the bundle.
       weights: initial weights: a classifier .keras / .weights.h5 of the same architecture and size, or
         for mobilenet_v3_small a keras.applications no-top backbone .h5 file.
       overwrite: true | false: train again into a folder that holds a run (only that run's own files are
@@ -118,6 +128,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         tensorboard=cli.parse_bool(tensorboard, "tensorboard"), progress=cli.parse_bool(progress, "progress"),
         data=str(data), out=str(out), augment=_choice(augment, AUGMENT, "augment"),
         class_weight=_choice(class_weight, CLASS_WEIGHTS, "class-weight"),
+        sampling=_choice(sampling, SAMPLINGS, "sampling"),
         weights=None if weights is None else str(Path(str(weights)).expanduser()),
     )
     if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
@@ -179,7 +190,7 @@ def _train(o: dict, out_dir: Path) -> dict:
     train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
                              x_unlabeled=x_train[unlabeled] if semi else None,
                              unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"],
-                             augment=recipe["augmentation"])
+                             augment=recipe["augmentation"], sampling=o["sampling"])
     strategy = make_strategy(o["strategy"])
     with strategy.scope():
         classifier = build_classifier(o["arch"], o["image_size"], o["width"], weights=o["weights"])
@@ -220,6 +231,7 @@ def _train(o: dict, out_dir: Path) -> dict:
         "clean_accuracy": accuracy(classifier, x_test, y_test),
         "val_accuracy": accuracy(classifier, *data["val"]),
         **{f"{s}_sensitivity": class_sensitivity(classifier, *data[s], data.classes) for s in ("val", "test")},
+        "referral": referral_point(classifier, data, o["referral_sensitivity"]),
         "method": o["method"], "label_fraction": o["label_fraction"], "epochs": o["epochs"],
         "steps_per_epoch": steps, "train_seconds_last_session": round(train_seconds, 2),
         "data_source": data.source, "synthetic_data": data.synthetic, "n_test": int(len(y_test)),
@@ -227,6 +239,11 @@ def _train(o: dict, out_dir: Path) -> dict:
     print(f"clean test accuracy: {metrics['clean_accuracy']:.4f} on {len(y_test)} images"
           + (" (SYNTHETIC phantom)" if data.synthetic else "") + "; sensitivity "
           + ", ".join(f"{c} {v:.2f}" for c, v in metrics["test_sensitivity"].items() if v is not None))
+    if metrics["referral"]:
+        r = metrics["referral"]
+        print(f"referral (disease vs NORMAL) at P(disease) >= {r['threshold']:.4f}, chosen on val for sensitivity "
+              f">= {r['target_sensitivity']:g}: test sensitivity {_fmt(r['test']['sensitivity'])}, "
+              f"specificity {_fmt(r['test']['specificity'])}")
     if o["detector"]:
         from medrobust.detection import train_detector
 
@@ -238,14 +255,40 @@ def _train(o: dict, out_dir: Path) -> dict:
     return metrics
 
 
-def class_sensitivity(classifier, x, y, classes) -> dict:
-    """{class: sensitivity (recall) on (x, y), None if the class is absent}."""
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def referral_point(classifier, data, target_sensitivity: float) -> dict:
+    """The disease-vs-NORMAL referral threshold chosen on the validation split for the target sensitivity
+    (medrobust.evaluation.referral), with the test split's figures at it."""
+    from medrobust.evaluation.referral import (disease_probability, fit_operating_point, is_disease, refer,
+                                               referral_metrics)
+
+    try:
+        point = fit_operating_point(_probabilities(classifier, data["val"][0]), data["val"][1], target_sensitivity)
+    except ValueError as exc:  # e.g. a validation split without diseased scans
+        warnings.warn(f"no referral threshold: {exc}", stacklevel=2)
+        return None
+    x_test, y_test = data["test"]
+    point["test"] = referral_metrics(refer(disease_probability(_probabilities(classifier, x_test)), point["threshold"]),
+                                     is_disease(y_test))
+    return point
+
+
+def _probabilities(classifier, x):
     import numpy as np
-    from medrobust.evaluation.metrics import clinical_metrics
 
     logits = np.asarray(classifier.predict(x, batch_size=256, verbose=0), np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    per_class = clinical_metrics(y, probs / probs.sum(axis=1, keepdims=True))["per_class"]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def class_sensitivity(classifier, x, y, classes) -> dict:
+    """{class: sensitivity (recall) on (x, y), None if the class is absent}."""
+    from medrobust.evaluation.metrics import clinical_metrics
+
+    per_class = clinical_metrics(y, _probabilities(classifier, x))["per_class"]
     return {c: None if per_class[c]["sensitivity"] is None else round(per_class[c]["sensitivity"], 4)
             for c in classes}
 
@@ -278,7 +321,7 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
                     pretrain_steps=max(int(teacher == "snapshot"), round(pretrain * steps_per_epoch)))
     if o["method"] == "pgd_at":
         return dict(eps=o["train_eps"], steps=o["pgd_steps"])
-    if o["method"] == "trades":
+    if o["method"] in ("trades", "mart"):
         return dict(eps=o["train_eps"], steps=o["pgd_steps"], beta=o["beta"])
     return {}
 
@@ -333,7 +376,7 @@ def _already_done(out_dir: Path, options: dict) -> bool:
         _remove_run_files(out_dir, "--overwrite true: ")
         return False
     changed = sorted(k for k, v in options.items()
-                     if k not in NOT_PART_OF_RUN and _normal(old.get(k)) != _normal(v))
+                     if k not in NOT_PART_OF_RUN and _normal(old.get(k, ADDED_LATER.get(k))) != _normal(v))
     if not _finished_an_epoch(out_dir):
         if changed:
             print(f"{out_dir}: the run there stopped before finishing an epoch, so its options do not hold; "
@@ -467,6 +510,8 @@ def _check_numbers(o: dict) -> None:
         raise cli.UsageError(f"--lam and --pretrain-epochs must be >= 0, got {o['lam']} and {o['pretrain_epochs']}")
     if o["method"] == "ssat" and o["teacher"] == "snapshot" and o["pretrain_epochs"] == 0:
         raise cli.UsageError("--teacher snapshot needs --pretrain-epochs > 0 (or pass --teacher none or a path)")
+    if not 0 < o["referral_sensitivity"] <= 1:
+        raise cli.UsageError(f"--referral-sensitivity must be in (0, 1], got {o['referral_sensitivity']}")
     if not 0 < o["target_fpr"] < 1:
         raise cli.UsageError(f"--target-fpr must be in (0, 1), got {o['target_fpr']}")
 

@@ -20,7 +20,7 @@ from medrobust.models import build_classifier
 from medrobust.training import TRAINERS, make_trainer
 from medrobust.training.base import Trainer
 from medrobust.training.ssat import SSATTrainer
-from medrobust.training.supervised import PGDATTrainer, TRADESTrainer, kl_divergence, pgd_linf
+from medrobust.training.supervised import MARTTrainer, PGDATTrainer, TRADESTrainer, kl_divergence, pgd_linf
 
 SIZE, BATCH = 28, 16
 TOL = 1e-6  # float32 rounding of x + delta
@@ -67,7 +67,7 @@ def test_registry_has_all_methods_and_accepts_cli_options():
 
     assert set(METHODS) <= set(TRAINERS)
     assert TRAINERS["ssat"] is SSATTrainer and TRAINERS["pgd_at"] is PGDATTrainer
-    assert TRAINERS["trades"] is TRADESTrainer
+    assert TRAINERS["trades"] is TRADESTrainer and TRAINERS["mart"] is MARTTrainer
     cli = dict(eps=(0.001, 0.003), lam=3.0, attack="fgsm", pgd_steps=10, confidence=0.0, teacher=None,
                train_eps=0.004, beta=6.0)
     for method in METHODS:
@@ -486,6 +486,59 @@ def test_trades_adversaries_and_beta_zero_is_standard():
         np.testing.assert_allclose(wt, ws, atol=1e-6)
     assert set(history) == {"loss", "natural_ce", "robust_kl", "accuracy"}
     assert history["robust_kl"][0] >= 0
+
+
+def _mart_reference(clean_logits, adv_logits, y, weights=None):
+    """MART's loss as written in the reference code (Wang et al. 2020, train_wideresnet.py), in numpy."""
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    nat, adv = softmax(np.float64(clean_logits)), softmax(np.float64(adv_logits))
+    n = len(y)
+    order = np.argsort(adv, axis=1)
+    new_y = np.where(order[:, -1] == y, order[:, -2], order[:, -1])
+    bce = -np.log(adv[np.arange(n), y] + 1e-12) - np.log(1.0001 - adv[np.arange(n), new_y] + 1e-12)
+    kl = (nat * (np.log(nat + 1e-12) - np.log(adv + 1e-12))).sum(1) * (1.0000001 - nat[np.arange(n), y])
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)[y]
+    return (w * bce).sum() / w.sum(), (w * kl).sum() / w.sum()
+
+
+@pytest.mark.parametrize("weights", [None, CLASS_WEIGHTS])
+def test_mart_loss_matches_the_reference_formula(weights):
+    x, y = _data()
+    clf = _classifier()
+    trainer = MARTTrainer(clf, eps=0.01, steps=2, beta=6.0, class_weights=weights)
+    xt, yt = tf.constant(x), tf.constant(y)
+    prepared = trainer.prepare(xt, yt, None)
+    _check_in_ball(prepared["x_adv"], x, 0.01)
+    parts, _ = trainer.objective(xt, yt, prepared)
+    bce, kl = _mart_reference(clf(xt, training=True).numpy(), clf(prepared["x_adv"], training=True).numpy(), y, weights)
+    np.testing.assert_allclose(float(parts["boosted_ce"]), bce, rtol=1e-4)
+    np.testing.assert_allclose(float(parts["robust_kl"]), kl, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(float(parts["loss"]), bce + 6.0 * kl, rtol=1e-4)
+    # Its adversary raises the cross-entropy it was crafted on.
+    assert _ce(clf, prepared["x_adv"], y).mean() > _ce(clf, x, y).mean()
+    _, history = _weights_after_one_step(MARTTrainer, _copy(clf), tf.data.Dataset.from_tensors((x, y)), steps=2)
+    assert set(history) == {"loss", "boosted_ce", "robust_kl", "accuracy"}
+
+
+def test_balanced_sampling_draws_every_class_equally_often():
+    from medrobust.data.pipeline import train_dataset
+
+    y = np.array([0] * 300 + [1] * 30 + [2] * 10 + [3] * 160)
+    x = np.arange(len(y), dtype=np.float32).reshape(-1, 1, 1, 1) / len(y)
+    counts = {"natural": np.zeros(4), "balanced": np.zeros(4)}
+    for sampling in counts:
+        for xb, yb in train_dataset(x, y, 50, seed=3, sampling=sampling).take(40):
+            # Images and labels stay paired.
+            np.testing.assert_array_equal(y[np.rint(xb.numpy().reshape(-1) * len(y)).astype(int)], yb.numpy())
+            counts[sampling] += np.bincount(yb.numpy(), minlength=4)
+    share = counts["balanced"] / counts["balanced"].sum()
+    np.testing.assert_allclose(share, 0.25, atol=0.04)
+    assert counts["natural"][2] / counts["natural"].sum() < 0.04  # 2% of the images: rare without balancing
+    with pytest.raises(ValueError, match="sampling"):
+        train_dataset(x, y, 50, sampling="oversample")
 
 
 def test_kl_divergence():

@@ -37,6 +37,14 @@ def predict_labels(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     ]) if len(x) else np.zeros(0, np.int64)
 
 
+def predict_logits(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """float32 [n, classes] outputs of the model on x, through the same compiled inference call."""
+    call = _compiled_call(model)
+    if not len(x):
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    return np.concatenate([call(tf.constant(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
+
+
 def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
     return float(np.mean(predict_labels(model, x, batch_size) == y))
 

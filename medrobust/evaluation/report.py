@@ -50,12 +50,15 @@ def markdown(report: dict) -> str:
         lines += [f"| detector clean false-referral rate | "
                   f"{_ci(d['clean_false_referral_rate'], d.get('clean_false_referral_rate_ci95'))} |",
                   f"| detector threshold | {_f(d['threshold'], 4)} |"]
+    if report.get("clean_balanced_accuracy") is not None:
+        lines.append(f"| balanced accuracy (mean per-class sensitivity) | {_f(report['clean_balanced_accuracy'])} |")
     lines += ["", "| class | sensitivity | specificity | support |", "|---|---|---|---|"]
     for c in CLASSES:
         pc = report["per_class"][c]
         ci = pc.get("ci95") or {}
         lines.append(f"| {c} | {_ci(pc['sensitivity'], ci.get('sensitivity'))} | "
                      f"{_ci(pc['specificity'], ci.get('specificity'))} | {pc['support']} |")
+    lines += _referral_section(report)
     lines += ["", "## Under attack", "", RISK_DEFINITION, ""]
     norms = report.get("norms", {})
     for norm in ("linf", "l2"):
@@ -65,6 +68,7 @@ def markdown(report: dict) -> str:
         lines += [f"### {NORM_TITLES[norm]}", ""]
         for name in names:
             lines += _attack_table(report, name, norm)
+            lines += _class_table(report, name)
     lines += _min_norm_section(report)
     parts = _parts_table(report)
     if parts:
@@ -125,6 +129,48 @@ def _attack_table(report: dict, name: str, norm: str) -> list[str]:
                      f"{_ci(e['classifier_only_risk'], ci.get('classifier_only_risk'))} | "
                      f"{_ci(a.get('system_risk'), a.get('system_risk_ci95'))} | {_f(a.get('detection_auroc'))} | "
                      f"{_f(e.get('max_l2' if norm == 'l2' else 'max_linf'), 4)} |")
+    return lines + [""]
+
+
+def _referral_section(report: dict) -> list[str]:
+    """Disease (CNV, DME, DRUSEN) vs NORMAL referral, clean: at the arg-max decision and at the run's
+    operating point (threshold on 1 - P(NORMAL) chosen on val for a target sensitivity)."""
+    referral = report.get("referral")
+    if not referral:
+        return []
+    point = report.get("referral_point")
+    lines = ["", "## Referral (disease vs NORMAL)", "",
+             "A scan is referred when it is judged diseased (CNV, DME or DRUSEN). "
+             + (f"The run's operating point refers when 1 - P(NORMAL) >= {point['threshold']:.4f}, the threshold "
+                f"chosen on the validation split for sensitivity >= {point['target_sensitivity']:g}; "
+                "the arg-max row refers when the predicted class is not NORMAL." if point else
+                "This run carries no operating point (trained before it existed): arg-max decision only."),
+             "", "| decision | sensitivity | specificity | referred | diseased / normal scans |", "|---|---|---|---|---|"]
+    for key, label in (("argmax", "arg-max class"), ("operating_point", "operating point")):
+        r = referral.get(key)
+        if r:
+            ci = r.get("ci95") or {}
+            lines.append(f"| {label} | {_ci(r['sensitivity'], ci.get('sensitivity'))} | "
+                         f"{_ci(r['specificity'], ci.get('specificity'))} | {r['referred']} | "
+                         f"{r['n_disease']} / {r['n_normal']} |")
+    return lines
+
+
+def _class_table(report: dict, name: str) -> list[str]:
+    """Per-class robust sensitivity and the balanced robust accuracy beside the average, and the referral
+    sensitivity of attacked diseased scans (still referred at the operating point, else at arg-max)."""
+    by_eps = report["attacks"][name]
+    if not any(e.get("robust_sensitivity") for e in by_eps.values()):
+        return []
+    lines = [f"Per class under {name} (share of each class's scans still diagnosed correctly; balanced = their mean):", "",
+             "| ε | robust acc. | balanced robust acc. | " + " | ".join(CLASSES) + " | referral sensitivity |",
+             "|---|---|---|" + "---|" * len(CLASSES) + "---|"]
+    for eps, e in by_eps.items():
+        rs = e.get("robust_sensitivity") or {}
+        ref = e.get("referral") or {}
+        point = ref.get("operating_point") or ref.get("argmax") or {}
+        lines.append(f"| {eps} | {_f(e['robust_accuracy'])} | {_f(e.get('balanced_robust_accuracy'))} | "
+                     + " | ".join(_f(rs.get(c)) for c in CLASSES) + f" | {_f(point.get('sensitivity'))} |")
     return lines + [""]
 
 

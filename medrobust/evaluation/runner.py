@@ -22,9 +22,11 @@ from typing import Iterator
 
 import numpy as np
 
+from medrobust.attacks.driver import predict_labels, predict_logits
 from medrobust.classes import CLASSES
 from medrobust.evaluation.adaptive import joint_objective
 from medrobust.evaluation.metrics import clinical_metrics, detection_auroc, roc_points, wilson_ci
+from medrobust.evaluation.referral import operating_points
 from medrobust.evaluation.risk import clean_false_referral_rate, system_risk
 from medrobust.evaluation.suite import GRADIENT_ATTACKS, NORMS, AttackSettings, make_attack
 
@@ -41,15 +43,15 @@ class SystemEvaluator:
     """
 
     def __init__(self, classifier, detector, x: np.ndarray, y: np.ndarray, settings: AttackSettings | None = None,
-                 batch_size: int = 250, progress: bool = True):
-        from medrobust.attacks.driver import predict_labels
-
+                 batch_size: int = 250, progress: bool = True, referral_threshold: float | None = None):
+        """referral_threshold: the run's disease-vs-NORMAL threshold on 1 - P(NORMAL) (chosen on val at
+        training, medrobust.evaluation.referral), or None to refer at the arg-max decision."""
         self.classifier, self.detector = classifier, detector
+        self.referral_threshold = referral_threshold
         self.x, self.y = np.asarray(x, np.float32), np.asarray(y).astype(np.int64)
         self.settings = settings or AttackSettings()
         self.batch_size, self.progress = batch_size, progress
-        self._predict = predict_labels
-        self.clean_probs = _softmax(_logits(classifier, self.x, batch_size))
+        self.clean_probs = _softmax(predict_logits(classifier, self.x, batch_size))
         self.clean_correct = self.clean_probs.argmax(1) == self.y
         self.clean_scores = self._scores(self.x)
         # One attack object per name (and one adaptive one, whose weight is a variable), so each is
@@ -59,7 +61,9 @@ class SystemEvaluator:
 
     def clean_report(self) -> dict:
         out = clinical_metrics(self.y, self.clean_probs)
-        report = {"clean_accuracy": out.pop("accuracy"), "clean_accuracy_ci95": out.pop("accuracy_ci95"), **out}
+        report = {"clean_accuracy": out.pop("accuracy"), "clean_accuracy_ci95": out.pop("accuracy_ci95"),
+                  "clean_balanced_accuracy": _balanced(out["per_class"]), **out,
+                  "referral": operating_points(self.clean_probs, self.y, self.referral_threshold)}
         if self.detector is not None:
             flagged = self.clean_scores["combined"] > self.detector.threshold
             report["detector"] = {"threshold": float(self.detector.threshold),
@@ -215,13 +219,14 @@ class SystemEvaluator:
 
     # -- figures ---------------------------------------------------------------------------------------
     def _silent(self, x_sub: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        wrong = self._predict(self.classifier, x_sub, self.batch_size) != self.y[idx]
+        wrong = predict_labels(self.classifier, x_sub, self.batch_size) != self.y[idx]
         return wrong & ~(self._scores(x_sub)["combined"] > self.detector.threshold)
 
     def _figures(self, x_adv: np.ndarray, name: str, curves: dict, curve: tuple):
         """Report figures for one set of adversarial images, with 95% Wilson intervals for every
         proportion; also which images are misclassified and which flagged."""
-        wrong = self._predict(self.classifier, x_adv, self.batch_size) != self.y
+        probs = _softmax(predict_logits(self.classifier, x_adv, self.batch_size))
+        wrong = probs.argmax(1) != self.y
         cc = self.clean_correct
         n, n_cc = len(self.y), int(cc.sum())
         successful = cc & wrong
@@ -236,6 +241,11 @@ class SystemEvaluator:
         # Per-class robust sensitivity: the share of each class's scans still diagnosed correctly under attack.
         figures["robust_sensitivity"] = {c: float(np.mean(~wrong[self.y == k])) if np.any(self.y == k) else None
                                          for k, c in enumerate(CLASSES)}
+        # Balanced robust accuracy: the mean of those (every class counts alike, however rare).
+        present = [v for v in figures["robust_sensitivity"].values() if v is not None]
+        figures["balanced_robust_accuracy"] = float(np.mean(present)) if present else None
+        # Disease-vs-NORMAL referral of the attacked scans at the run's operating point (and arg-max).
+        figures["referral"] = operating_points(probs, self.y, self.referral_threshold)
         ci = {"robust_accuracy": wilson_ci((~wrong).sum(), n), "attack_success_rate": wilson_ci(successful.sum(), n_cc)}
         if self.detector is None:
             flagged = np.zeros(n, bool)
@@ -265,17 +275,16 @@ class SystemEvaluator:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _balanced(per_class: dict) -> float | None:
+    """Balanced accuracy: the mean sensitivity over the classes present."""
+    values = [v["sensitivity"] for v in per_class.values() if v["sensitivity"] is not None]
+    return float(np.mean(values)) if values else None
+
+
 def _stable_hash(text: str) -> int:
     import zlib
 
     return zlib.crc32(text.encode()) % 100_000
-
-
-def _logits(model, x, batch_size):
-    import tensorflow as tf
-
-    call = tf.function(lambda v: model(v, training=False), reduce_retracing=True)
-    return np.concatenate([call(tf.constant(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
