@@ -1,7 +1,9 @@
 """Train one recipe on real scans and measure it on the VALIDATION split (the test split only on request).
 
     python benchmarks/real_recipe.py --data ../shared/data/kermany --image-size 64 --arch strided_cnn \
-        --epochs 30 [--augment true|false] [--class-weight balanced|none] [--log runs/recipes.jsonl] [--test]
+        --epochs 30 [--augment true|false] [--class-weight balanced|none] [--sampling natural|balanced] \
+        [--method M] [--label-fraction F] [--teacher standard] [--option KEY=VALUE] [--robust-eps E] \
+        [--folds K] [--log runs/recipes.jsonl] [--test]
 
 This is how the defaults of `python -m medrobust.train` for real data were chosen (README, "Training on real
 scans"): candidates are compared on kermany/val (189 scans of 126 patients none of which is in train), or with
@@ -75,6 +77,32 @@ def per_class(classifier, x, y, classes) -> dict:
     return {**scores(y, predict(classifier, x), classes), "flip_tta": scores(y, predict(classifier, x, True), classes)}
 
 
+def robust_scores(y, correct, classes) -> dict:
+    """Robust accuracy, balanced robust accuracy and per-class robust sensitivity from per-scan outcomes."""
+    import numpy as np
+
+    sens = {c: round(float(np.mean(correct[y == k])), 4) for k, c in enumerate(classes) if np.any(y == k)}
+    return {"robust_accuracy": round(float(np.mean(correct)), 4),
+            "balanced_robust_accuracy": round(float(np.mean(list(sens.values()))), 4), "sensitivity": sens}
+
+
+def table(row: dict, classes) -> str:
+    """The per-class figures of a row as a markdown table: clean, flip-averaged and (with --robust-eps) robust."""
+    lines = ["| split | figures | accuracy | balanced | " + " | ".join(classes) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(classes)]
+    for split in ("cv", "val", "test"):
+        report = row.get(split)
+        if not report:
+            continue
+        for name, part, acc in (("clean", report, "accuracy"), ("clean, flip-averaged", report.get("flip_tta"), "accuracy"),
+                                (f"robust at {row['robust_eps']}", report.get("robust"), "robust_accuracy")):
+            if part:
+                balanced = part.get("balanced_accuracy", part.get("balanced_robust_accuracy"))
+                lines.append(f"| {split} | {name} | {part[acc]:.3f} | {balanced:.3f} | "
+                             + " | ".join(f"{part['sensitivity'].get(c, float('nan')):.2f}" for c in classes) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/kermany")
@@ -91,6 +119,17 @@ def main() -> None:
                         help="balanced: every class equally often in the labeled batches (medrobust.data.pipeline)")
     parser.add_argument("--augmentation", default=None,
                         help='JSON overriding keys of medrobust.data.pipeline.AUGMENTATION, e.g. \'{"rotate": 10}\'')
+    parser.add_argument("--label-fraction", type=float, default=1.0,
+                        help="labels kept per class (the train CLI's split); ssat uses the rest as unlabeled scans")
+    parser.add_argument("--teacher", default="snapshot",
+                        help="ssat's pseudo-label source: snapshot | none | standard (a standard model trained on the "
+                             "same labeled scans first, as the train CLI's recipe)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a trainer option of the train CLI (train_eps, pgd_steps, beta, lam, ssat_loss, attack, "
+                             "eps, confidence, pretrain_epochs); repeatable")
+    parser.add_argument("--robust-eps", type=float, default=None,
+                        help="also attack the evaluated scans at this L-inf budget (PGD-20 and APGD-CE-100; a scan "
+                             "counts as robust when neither fools it) and report per-class robust sensitivity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=0,
                         help="K > 1: patient-grouped K-fold cross-validation over train + val instead of train -> val")
@@ -117,28 +156,68 @@ def main() -> None:
     from medrobust.train import learning_rate, trainer_options, training_recipe
     from medrobust.training import make_trainer
 
-    o = {"augment": args.augment, "class_weight": args.class_weight, "method": args.method, "lr": args.lr,
-         "epochs": args.epochs, "lr_schedule": "cosine", "train_eps": 0.004, "pgd_steps": 10, "beta": 6.0}
+    from medrobust.data.splits import labeled_unlabeled_split
 
-    def fit(x, y, x_val, y_val, seed):
-        """Train the recipe on (x, y); returns the classifier, seconds per epoch and val accuracy per epoch."""
+    o = {"augment": args.augment, "class_weight": args.class_weight, "method": args.method, "lr": args.lr,
+         "epochs": args.epochs, "lr_schedule": "cosine", "train_eps": 0.004, "pgd_steps": 10, "beta": 6.0,
+         "eps": (0.001, 0.003), "lam": None, "attack": None, "confidence": 0.0, "pretrain_epochs": 3.0,
+         "ssat_loss": "ce", "teacher": args.teacher}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        if key not in o or not value:
+            parser.error(f"--option {item}: expected KEY=VALUE with KEY one of {', '.join(sorted(o))}")
+        o[key] = tuple(float(v) for v in value.split(",")) if key == "eps" else (
+            value if key in ("ssat_loss", "attack", "teacher") else type(o[key] or 1.0)(value))
+
+    def train_one(method, x, y, x_unlabeled, x_val, y_val, seed, n_train, teacher=None):
+        """Train one model of the recipe; returns the classifier, seconds per epoch and val accuracy per epoch.
+        n_train: the training scans, labeled or not, an epoch counts (the train CLI's convention)."""
         keras.utils.set_random_seed(seed)
-        recipe = training_recipe(o, data, y)
+        options = {**o, "method": method}
+        recipe = training_recipe(options, data, y)
         if recipe["augmentation"] and args.augmentation:
             recipe["augmentation"].update(json.loads(args.augmentation))
         classifier = build_classifier(args.arch, args.image_size, args.width)
-        steps = steps_per_epoch(len(x), args.batch_size)
-        trainer = make_trainer(args.method, classifier, class_weights=recipe["class_weights"],
-                               **trainer_options(o, None, steps))
-        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(o, steps)))
+        steps = steps_per_epoch(n_train, args.batch_size)
+        if teacher is not None:
+            options["teacher"] = "in-memory"
+        trainer = make_trainer(method, classifier, class_weights=recipe["class_weights"],
+                               **trainer_options(options, lambda _: teacher, steps))
+        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(options, steps)))
         times = []
         timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: times.append(-time.time()),
                                                on_epoch_end=lambda e, logs: times.__setitem__(-1, times[-1] + time.time()))
-        history = trainer.fit(train_dataset(x, y, args.batch_size, seed, augment=recipe["augmentation"],
-                                            sampling=args.sampling),
+        history = trainer.fit(train_dataset(x, y, args.batch_size, seed, x_unlabeled=x_unlabeled,
+                                            augment=recipe["augmentation"], sampling=args.sampling),
                               epochs=args.epochs, steps_per_epoch=steps, validation_data=eval_dataset(x_val, y_val),
                               callbacks=[timer], verbose=2)
         return classifier, times, history.history["val_accuracy"]
+
+    def fit(x, y, x_val, y_val, seed):
+        """The recipe on (x, y) at --label-fraction (ssat: the other scans unlabeled; --teacher standard: a
+        standard model on the same labeled scans first)."""
+        labeled, unlabeled = labeled_unlabeled_split(y, args.label_fraction, seed)
+        semi = args.method == "ssat" and len(unlabeled) > 0
+        teacher = None
+        if args.method == "ssat" and args.teacher == "standard":
+            teacher, _, _ = train_one("standard", x[labeled], y[labeled], None, x_val, y_val, seed, len(x))
+            teacher.trainable = False
+        return train_one(args.method, x[labeled], y[labeled], x[unlabeled] if semi else None, x_val, y_val, seed,
+                         len(x), teacher)
+
+    def robust_correct(classifier, x, y):
+        """bool [n]: scans neither PGD-20 nor APGD-CE-100 misclassifies at --robust-eps (clean errors: False)."""
+        from medrobust.attacks import APGD, PGD
+        from medrobust.attacks.driver import predict_labels
+
+        ok = predict_labels(classifier, x) == y
+        for attack in (PGD(classifier, steps=20), APGD(classifier, steps=100, loss="ce")):
+            idx = np.flatnonzero(ok)
+            for start in range(0, len(idx), 256):
+                part = idx[start:start + 256]
+                x_adv = np.asarray(attack.run(x[part], y[part], args.robust_eps)[0])
+                ok[part] &= predict_labels(classifier, x_adv) == y[part]
+        return ok
 
     load_before = os.getloadavg()[0]
     started = time.time()
@@ -150,13 +229,15 @@ def main() -> None:
         x = np.concatenate([data["train"][0], data["val"][0]])
         y = np.concatenate([data["train"][1], data["val"][1]])
         groups = np.array(data.patients["train"] + data.patients["val"], dtype=object)
-        truth, preds, flip_preds, fold_accuracy, epoch_times, curves = [], [], [], [], [], []
+        truth, preds, flip_preds, robust, fold_accuracy, epoch_times, curves = [], [], [], [], [], [], []
         folds = StratifiedGroupKFold(args.folds, shuffle=True, random_state=args.seed)
         for k, (tr, va) in enumerate(folds.split(x, y, groups)):
             classifier, times, curve = fit(x[tr], y[tr], x[va], y[va], args.seed + k)
             truth.append(y[va])
             preds.append(predict(classifier, x[va]))
             flip_preds.append(predict(classifier, x[va], True))
+            if args.robust_eps:
+                robust.append(robust_correct(classifier, x[va], y[va]))
             fold_accuracy.append(round(float(np.mean(preds[-1] == truth[-1])), 4))
             epoch_times += times
             curves.append(curve)
@@ -164,17 +245,22 @@ def main() -> None:
         val_report = {"folds": args.folds, "images": int(len(y)), "fold_accuracy": fold_accuracy,
                       **scores(np.concatenate(truth), np.concatenate(preds), data.classes),
                       "flip_tta": scores(np.concatenate(truth), np.concatenate(flip_preds), data.classes)}
+        if args.robust_eps:
+            val_report["robust"] = robust_scores(np.concatenate(truth), np.concatenate(robust), data.classes)
     else:
         x, y = data["train"]
         classifier, epoch_times, curve = fit(x, y, *data["val"], args.seed)
         curves = [curve]
         val_report = per_class(classifier, *data["val"], data.classes)
+        if args.robust_eps:
+            val_report["robust"] = robust_scores(data["val"][1], robust_correct(classifier, *data["val"]), data.classes)
     train_seconds = time.time() - started
     row = {
         "data": data.describe(), "arch": args.arch, "width": args.width, "image_size": args.image_size,
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "augment": args.augment, "augmentation": args.augmentation, "class_weight": args.class_weight,
-        "sampling": args.sampling, "seed": args.seed,
+        "sampling": args.sampling, "label_fraction": args.label_fraction, "teacher": args.teacher,
+        "options": args.option, "robust_eps": args.robust_eps, "seed": args.seed,
         "params": int(classifier.count_params()), "macs": count_macs(classifier, args.image_size),
         "load_seconds": round(load_seconds, 2), "train_seconds": round(train_seconds, 1),
         "first_epoch_seconds": round(epoch_times[0], 1),
@@ -185,10 +271,13 @@ def main() -> None:
     }
     if args.test:
         row["test"] = per_class(classifier, *data["test"], data.classes)
+        if args.robust_eps:
+            row["test"]["robust"] = robust_scores(data["test"][1], robust_correct(classifier, *data["test"]), data.classes)
     if args.save:
         classifier.save(args.save)
     line = json.dumps(row)
     print(line)
+    print(table(row, data.classes))
     if args.log:
         with open(args.log, "a") as f:
             f.write(line + "\n")
