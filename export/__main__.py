@@ -1,4 +1,4 @@
-"""python -m export bundle|verify|keygen|sign (see export.bundle, export.verify, export.signing; `--help` on each)."""
+"""python -m export bundle|verify|keygen|sign (see export.bundle, export.verify, medrobust_screen.signing; `--help` on each)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def keygen(out: str, passphrase_env: str | None = None) -> None:
     """
     import os
 
-    from export import signing
+    from medrobust_screen import signing
 
     passphrase = None
     if passphrase_env is not None:
