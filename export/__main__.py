@@ -1,4 +1,5 @@
-"""python -m export bundle|verify|keygen|sign (see export.bundle, export.verify, medrobust_screen.signing; `--help` on each)."""
+"""python -m export bundle|verify|keygen|sign (see export.bundle, export.verify and medrobust_screen.signing;
+`--help` on each)."""
 
 from __future__ import annotations
 
