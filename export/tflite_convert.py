@@ -76,7 +76,7 @@ def to_tflite(model, quantize: str = "none", calibration: np.ndarray | None = No
     with tempfile.TemporaryDirectory(prefix="medrobust-export-") as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        archive.addendpoint("serve", endpoint(model), input_signature=[image_spec(size)])
+        archive.add_endpoint("serve", endpoint(model), input_signature=[image_spec(size)])
         archive.write_out(tmp, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)  # its "serving_default" = "serve"
         with warnings.catch_warnings(), _quiet_native_output():
