@@ -15,6 +15,7 @@ the image preprocessing, the manifest and model contract, signing.
 - ``manifest``: the checks made before a model is loaded (signature, fields, sha256 of every file).
 - ``signing``: Ed25519 keys and bundle signatures.
 - ``dicom``: DICOM OCT files to model inputs, one B-scan at a time.
+- ``dicom_pixels``: a DICOM frame's stored values to the grey levels a display shows.
 - ``images``: an image file to the model input (the training preprocessing).
 - ``classes``, ``errors``, ``arguments``, ``tempfiles``: class names; the two one-line errors; argparse
   that names the closest option; a temporary file beside an output.

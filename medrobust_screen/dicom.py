@@ -79,6 +79,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from medrobust_screen.dicom_pixels import display_lut, first_item, frame_settings_of, settings_key
 from medrobust_screen.images import MAX_PIXELS, MIN_SIDE, ImageError, is_image_filename, to_model_input
 
 __all__ = [
@@ -108,8 +109,6 @@ _MAGIC = b"DICM"
 _DEFER = 64 * 1024  # values larger than this (the pixel data) are not read with the header
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
-_PIXEL_TRANSFORM = ("RescaleSlope", "RescaleIntercept", "RescaleType")
-_VOI = ("WindowCenter", "WindowWidth", "VOILUTFunction")
 
 
 def is_dicom_file(path) -> bool:
@@ -175,9 +174,9 @@ class DicomVolume:
             self._per_frame_settings = any(
                 "PixelValueTransformationSequence" in item or "FrameVOILUTSequence" in item for item in per_frame)
         if self._per_frame_settings:
-            return _frame_settings(self._ds, index)
+            return frame_settings_of(self._ds, index)
         if self._shared_settings is None:
-            self._shared_settings = _frame_settings(self._ds, 0)
+            self._shared_settings = frame_settings_of(self._ds, 0)
         return self._shared_settings
 
     def iter_frames(self, image_size: int) -> Iterator[tuple[int, np.ndarray | ImageError]]:
@@ -240,7 +239,7 @@ class DicomVolume:
         if arr.ndim == 3:  # colour: already RGB uint8
             return np.ascontiguousarray(arr, np.uint8)
         settings = self.frame_settings(index)
-        key = _settings_key(settings)
+        key = settings_key(settings)
         if key not in luts:
             try:
                 with warnings.catch_warnings():
@@ -257,54 +256,6 @@ class DicomVolume:
             return np.ascontiguousarray(arr, np.uint8)
         idx = np.clip(arr.astype(np.int64, copy=False), low, low + len(table) - 1) - low
         return table[idx]
-
-
-def display_lut(settings) -> tuple[np.ndarray | None, int]:
-    """Stored value -> uint8 display grey level, for one frame's pixel-module attributes.
-
-    ``settings`` is a pydicom Dataset with BitsStored, PixelRepresentation, PhotometricInterpretation
-    and, if present, rescale/modality LUT and window/VOI LUT attributes.  Returns ``(table, low)``:
-    ``grey = table[clip(stored, low, low + len(table) - 1) - low]``; ``table`` is None when the mapping
-    is the identity on 8-bit unsigned data.  See the module docstring for the rule.
-    Raises ValueError/NotImplementedError (from pydicom) for a window or LUT it cannot apply.
-    """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    bits = int(settings.BitsStored)
-    signed = int(settings.get("PixelRepresentation", 0)) == 1
-    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    monochrome1 = settings.PhotometricInterpretation == "MONOCHROME1"
-    rescale = "RescaleSlope" in settings and "RescaleIntercept" in settings
-    modality_lut = bool(settings.get("ModalityLUTSequence"))
-    voi_lut = bool(settings.get("VOILUTSequence"))
-    window = settings.get("WindowCenter") is not None and settings.get("WindowWidth") is not None
-    if (bits == 8 and not signed and not monochrome1 and not (modality_lut or voi_lut or window)
-            and (not rescale or (float(settings.RescaleSlope) > 0))):
-        return None, 0  # positive rescale without a window only shifts the full range: identity
-
-    stored = np.arange(low, high + 1, dtype=np.int64)
-    values = apply_modality_lut(stored, settings)
-    # The modality output range, as pydicom's apply_windowing computes it (y_min maps to black).
-    if modality_lut:
-        y_min, y_max = 0.0, float(2 ** int(settings.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
-    else:
-        y_min, y_max = float(low), float(high)
-        if rescale:
-            slope, intercept = float(settings.RescaleSlope), float(settings.RescaleIntercept)
-            y_min, y_max = y_min * slope + intercept, y_max * slope + intercept
-    if voi_lut:
-        values = apply_voi_lut(values, settings)
-        grey = values.astype(np.float64) / float(2 ** int(settings.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-    elif window:
-        values = apply_voi_lut(values, settings)
-        grey = (values.astype(np.float64) - y_min) / (y_max - y_min) if y_max != y_min else np.zeros(len(stored))
-    else:  # no VOI: the full range of possible values, smallest value black
-        lo, hi = min(y_min, y_max), max(y_min, y_max)
-        grey = (values.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(len(stored))
-    grey = np.clip(np.nan_to_num(grey, nan=0.0), 0.0, 1.0)
-    if monochrome1:
-        grey = 1.0 - grey
-    return np.floor(grey * 255.0 + 0.5).astype(np.uint8), low
 
 
 def open_volume(path, keep_identifiers: bool = False) -> DicomVolume:
@@ -424,59 +375,11 @@ def _laterality(ds) -> str:
         value = ds.get(keyword)
         if value:
             return str(value).strip()
-    shared = _first(ds.get("SharedFunctionalGroupsSequence"))
-    anatomy = _first(shared.get("FrameAnatomySequence")) if shared is not None else None
+    shared = first_item(ds.get("SharedFunctionalGroupsSequence"))
+    anatomy = first_item(shared.get("FrameAnatomySequence")) if shared is not None else None
     if anatomy is not None and anatomy.get("FrameLaterality"):
         return str(anatomy.FrameLaterality).strip()
     return ""
-
-
-def _first(sequence):
-    try:
-        return sequence[0] if sequence else None
-    except (IndexError, TypeError):
-        return None
-
-
-def _frame_settings(ds, index: int):
-    """Top level < Shared < Per-frame functional groups, for the pixel-value transformation and VOI."""
-    from pydicom.dataset import Dataset
-
-    out = Dataset()
-    for keyword in ("BitsStored", "BitsAllocated", "PixelRepresentation", "PhotometricInterpretation",
-                    "ModalityLUTSequence", "VOILUTSequence", *_PIXEL_TRANSFORM, *_VOI):
-        if keyword in ds:
-            setattr(out, keyword, ds[keyword].value)
-    if hasattr(ds, "file_meta"):
-        out.file_meta = ds.file_meta  # pydicom reads LUT data endianness from it
-    groups = [_first(ds.get("SharedFunctionalGroupsSequence"))]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame):
-        groups.append(per_frame[index])
-    for group in groups:
-        if group is None:
-            continue
-        for sequence, keywords in (("PixelValueTransformationSequence", _PIXEL_TRANSFORM),
-                                   ("FrameVOILUTSequence", _VOI)):
-            item = _first(group.get(sequence))
-            if item is None:
-                continue
-            if sequence == "FrameVOILUTSequence":  # a frame's window replaces the top-level VOI
-                for keyword in _VOI:
-                    if keyword in out:
-                        delattr(out, keyword)
-            for keyword in keywords:
-                if keyword in item:
-                    setattr(out, keyword, item[keyword].value)
-    return out
-
-
-def _settings_key(settings) -> tuple:
-    key = [str(settings.get(k)) for k in ("BitsStored", "PixelRepresentation", "PhotometricInterpretation",
-                                          *_PIXEL_TRANSFORM, *_VOI)]
-    for sequence in ("ModalityLUTSequence", "VOILUTSequence"):  # the same objects for every frame
-        key.append(id(settings[sequence].value) if sequence in settings else None)
-    return tuple(key)
 
 
 def _describe(exc: BaseException) -> str:

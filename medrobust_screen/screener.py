@@ -52,7 +52,7 @@ class Screener:
     screener = Screener("bundles/NAME", trusted_key="publisher.pub")   # or allow_unsigned=True
     for row in screener.screen(["scans/"]): ...
 
-    Raises BundleError (one-line reason) for a bundle that fails any check (see the module docstring).
+    Raises BundleError (one-line reason) for a bundle that fails any check (see medrobust_screen.cli).
     ``.signature`` is the signature status, ``.training_data`` the provenance, ``.threshold`` the
     threshold (manifest and model agree on it).
     """
