@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["medrobust", "medrobust.*", "export", "export.*"]),
+    packages=find_packages(include=["medrobust", "medrobust.*", "export", "export.*", "medrobust_screen",
+                                    "medrobust_screen.*"]),
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",
@@ -21,12 +22,12 @@ setup(
         "matplotlib>=3.8",
         "pillow>=10.0",
         "tqdm>=4.66",
-        # DICOM OCT volumes in medrobust-screen (export.dicom); JPEG Baseline/2000 decode through Pillow.
+        # DICOM OCT volumes in medrobust-screen (medrobust_screen.dicom); JPEG Baseline/2000 decode through Pillow.
         "pydicom>=3.0,<3.1",
-        "cryptography>=42",  # Ed25519 bundle signatures (export.signing)
+        "cryptography>=42",  # Ed25519 bundle signatures (medrobust_screen.signing)
     ],
-    # The TensorFlow-free screening runtime alone is its own distribution: `pip install ./edge`
-    # (medrobust-screen; numpy, Pillow, ai-edge-litert, cryptography, pydicom), so a device needs no --no-deps.
+    # The TensorFlow-free screening runtime (the medrobust_screen package) alone is its own distribution:
+    # `pip install ./edge` (medrobust-screen; numpy, Pillow, ai-edge-litert, cryptography, pydicom).
     extras_require={
         # JPEG Lossless / JPEG-LS / 12-bit JPEG DICOM (pylibjpeg-libjpeg is GPL-3, hence optional).
         "dicom-lossless": ["pylibjpeg>=2.0,<3", "pylibjpeg-libjpeg>=2.1,<3"],
@@ -40,7 +41,7 @@ setup(
         "console_scripts": [
             "medrobust-train=medrobust.train:main",
             "medrobust-evaluate=medrobust.evaluate:main",
-            "medrobust-screen=export.runtime:main",
+            "medrobust-screen=medrobust_screen.cli:main",
         ],
     },
 )

@@ -13,7 +13,7 @@ size, >= 20x faster per image than Keras `model.predict` on one image.
 DICOM volumes: 49-B-scan OCT volumes are written with pydicom from real Kermany test B-scans (the frames
 come from different patients: real B-scans, not a real volume; random frames, said SYNTHETIC, if the data
 is absent) -- 512x496 uncompressed 8-bit, 512x496 JPEG Baseline, 1024x496 JPEG Baseline -- and screened
-in-process with the bundle's int8 screening model (export.volume.screen_volume), in a subprocess pinned
+in-process with the bundle's int8 screening model (medrobust_screen.volume.screen_volume), in a subprocess pinned
 to one CPU core, LiteRT num_threads=1, after one warm-up volume (start-up, bundle check and model load
 excluded). Prints the median time per volume for decoding (to display grey levels), decoding +
 preprocessing, the interpreter alone, and the whole screening; goal: < 0.5 s per volume.
@@ -116,7 +116,7 @@ def _screen_throughput(bundle: Path, folder: Path, copies: int, public_key: Path
         tree = Path(tmp) / "images"
         for i in range(copies):
             shutil.copytree(folder, tree / f"copy{i}")
-        cmd = [sys.executable, "-m", "export.runtime"]  # this checkout's runtime (the console script may be another's)
+        cmd = [sys.executable, "-m", "medrobust_screen"]  # this checkout's runtime (the console script may be another's)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd + ["--bundle", str(bundle), "--trusted-key", str(public_key), str(tree),
                                      "--out", str(Path(tmp) / "r.csv")], capture_output=True, text=True)
@@ -156,7 +156,7 @@ def _write_volume(path: Path, width: int, jpeg: bool) -> str:
     from pydicom.encaps import encapsulate
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
-    from export.dicom import OPHTHALMIC_TOMOGRAPHY
+    from medrobust_screen.dicom import OPHTHALMIC_TOMOGRAPHY
 
     sources, origin = _volume_frames(width)
     if sources:
@@ -189,9 +189,9 @@ def _write_volume(path: Path, width: int, jpeg: bool) -> str:
 
 def dicom_volume_benchmark(bundle: Path, repeats: int) -> dict:
     """Median seconds per 49-frame volume (see the module docstring); runs without TensorFlow."""
-    from export import dicom
-    from export.runtime import Screener
-    from export.volume import screen_volume
+    from medrobust_screen import dicom
+    from medrobust_screen.screener import Screener
+    from medrobust_screen.volume import screen_volume
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU core
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
 
     from export import converters, screening
     from export.bundle import export_bundle, load_detector
-    from export.signing import generate_keypair
+    from medrobust_screen.signing import generate_keypair
 
     with tempfile.TemporaryDirectory(prefix="medrobust-edge-") as tmp:
         tmp = Path(tmp)
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
                 Image.fromarray(rng.integers(0, 256, (496, 512), dtype=np.uint8)).save(folder / f"scan_{i}.jpeg")
         throughput = _screen_throughput(bundle, folder, args.copies, Path(public_key))
         started = time.perf_counter()
-        from export.runtime import Screener
+        from medrobust_screen.screener import Screener
 
         Screener(bundle, trusted_key=public_key)
         open_ms = 1000 * (time.perf_counter() - started)

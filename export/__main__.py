@@ -1,4 +1,5 @@
-"""python -m export bundle|verify|keygen|sign (see export.bundle, export.verify, export.signing; `--help` on each)."""
+"""python -m export bundle|verify|keygen|sign (see export.bundle, export.verify and medrobust_screen.signing;
+`--help` on each)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def keygen(out: str, passphrase_env: str | None = None) -> None:
     """
     import os
 
-    from export import signing
+    from medrobust_screen import signing
 
     passphrase = None
     if passphrase_env is not None:

@@ -12,7 +12,7 @@ Writes into --out:
   with --quantize int8, ``*.int8.onnx`` (ONNX Runtime static int8),
 * ``manifest.json``: classes, input spec, preprocessing rule, quantization, threshold, verdict rule,
   the sha256 and size of every file, package versions and the source run (and its training data),
-* with --signing-key KEY: ``signature.json``, an Ed25519 signature over manifest.json (export.signing).
+* with --signing-key KEY: ``signature.json``, an Ed25519 signature over manifest.json (medrobust_screen.signing).
 
 The tool writes only into a folder it owns: --out must be new, empty, or a bundle an earlier export
 wrote (its manifest.json, or the ``export-in-progress.json`` an interrupted export leaves). It then
@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 
 from medrobust import cli
-from medrobust.classes import CLASSES
 from medrobust.io import atomic_write_bytes, atomic_write_json, read_json
 
-from export.runtime import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, OUTPUT_FLAG, OUTPUT_PROBABILITIES,
-                            OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE)
-from export.signing import SIGNATURE
+from medrobust_screen.classes import CLASSES
+from medrobust_screen.manifest import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
+from medrobust_screen.screener import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE
+from medrobust_screen.signing import SIGNATURE
 
 QUANTIZE = ("int8", "float16", "none")
 PREPROCESSING_RULE = ("medrobust.data.images.load_image: EXIF orientation; one grey channel (ITU-R 601-2 luma; "
@@ -99,7 +99,7 @@ def bundle(run: str, out: str, quantize: str = "int8", onnx="false", data: str |
 def load_signing_key(path, passphrase_env: str | None = None, option: str = "--signing-key"):
     """The Ed25519 private key at `path` (its passphrase from the environment variable `passphrase_env`);
     cli.UsageError with a one-line reason if it cannot be used."""
-    from export import signing
+    from medrobust_screen import signing
 
     passphrase = None
     if passphrase_env is not None:
@@ -116,8 +116,8 @@ def load_signing_key(path, passphrase_env: str | None = None, option: str = "--s
 def sign_bundle(bundle_dir, key, log=print) -> dict:
     """Write signature.json for a bundle whose files match its manifest (a bundle whose files were changed
     is refused, not signed). `key` is a private key object or a key file. Returns the signature document."""
-    from export import signing
-    from export.runtime import BundleError, read_manifest, read_manifest_bytes, verify_files
+    from medrobust_screen import signing
+    from medrobust_screen.manifest import BundleError, read_manifest, read_manifest_bytes, verify_files
 
     bundle_dir = Path(bundle_dir)
     if not hasattr(key, "sign"):
@@ -155,7 +155,7 @@ def owned_files(out_dir: Path) -> set[str]:
     Raises cli.UsageError when out_dir is a file, or a non-empty folder that holds no bundle of ours
     (no medrobust manifest.json and no export-in-progress.json): the export never removes or
     overwrites a file it did not write."""
-    from export.runtime import _plain_name
+    from medrobust_screen.manifest import plain_name
 
     if not out_dir.exists():
         return set()
@@ -177,7 +177,7 @@ def owned_files(out_dir: Path) -> set[str]:
             raise cli.UsageError(f"--out {out_dir}: its {name} is not from a medrobust export; refusing to write "
                                  "into a folder this tool did not make (choose a new or empty folder)")
         files = doc.get("files")
-        listed |= {n for n in (files if isinstance(files, (dict, list)) else []) if _plain_name(n)}
+        listed |= {n for n in (files if isinstance(files, (dict, list)) else []) if plain_name(n)}
         ours = True
     if not ours:
         shown = ", ".join(sorted(present)[:5]) + (", ..." if len(present) > 5 else "")

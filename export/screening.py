@@ -16,7 +16,7 @@ scan that is not flagged is classified; its class is a screening result, not a d
 
 from __future__ import annotations
 
-from export.runtime import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE
+from medrobust_screen.screener import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE
 
 OUTPUT_LOGITS = "logits"
 

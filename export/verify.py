@@ -40,8 +40,8 @@ import numpy as np
 from medrobust import cli
 from medrobust.io import atomic_write_json
 
-from export.runtime import (BundleError, OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD,
-                            read_manifest, verify_files)
+from medrobust_screen.manifest import BundleError, read_manifest, verify_files
+from medrobust_screen.screener import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD
 
 PARITY = "parity.json"
 

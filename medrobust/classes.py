@@ -1,7 +1,10 @@
-"""The four OCT classes, in the label order of Kermany OCT2017 and OCTMNIST."""
+"""Moved to ``medrobust_screen.classes`` (the TensorFlow-free device package); this import path stays for existing code.
 
-CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
-NUM_CLASSES = len(CLASSES)
-# Urgent referral as in Kermany et al. 2018: CNV and DME need treatment soon.
-URGENT_CLASSES = ("CNV", "DME")
-URGENT_LABELS = tuple(CLASSES.index(c) for c in URGENT_CLASSES)
+The name is the very same module object (not a copy), so attributes set on it reach the code that uses them.
+"""
+
+import sys
+
+import medrobust_screen.classes
+
+sys.modules[__name__] = medrobust_screen.classes

@@ -1,21 +1,21 @@
 """Shared command-line plumbing: option checking and parsing, one-line errors for bad input, quiet TensorFlow.
 
-Imports no TensorFlow (and Fire only inside `run`), so the TensorFlow-free screening runtime can use it too.
+Imports no TensorFlow (and Fire only inside `run`). The argparse side (`ArgumentParser`, `closest`) lives in the
+device package, medrobust_screen.arguments, and is re-exported here.
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import functools
 import inspect
 import math
 import os
-import re
 import shlex
 import sys
 import typing
 from pathlib import Path
+
+from medrobust_screen.arguments import ArgumentParser, closest, is_flag  # noqa: F401 (ArgumentParser: re-exported)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of user output
 
@@ -162,21 +162,6 @@ def command_line() -> str:
     return " ".join([program_name(), *map(shlex.quote, sys.argv[1:])])
 
 
-def closest(name: str, choices) -> str | None:
-    """The choice a mistyped name most likely meant (difflib similarity, or the only prefix match)."""
-    choices = list(choices)
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    if match:
-        return match[0]
-    prefixed = [c for c in choices if c.startswith(name)]
-    return prefixed[0] if len(prefixed) == 1 else None
-
-
-def _is_flag(token: str) -> bool:
-    """Fire's rule: '--name', '-x' or '-name', but not a negative number."""
-    return token.startswith("--") or re.match(r"^-[a-zA-Z]", token) is not None
-
-
 def _fire_args(argv: list[str]) -> list[str]:
     """The arguments for the command (Fire takes everything after a last '--' as its own flags)."""
     if "--" in argv:
@@ -200,13 +185,13 @@ def check_arguments(function, argv: list[str]) -> dict[str, str]:
     given, positional, i = {}, [], 0
     while i < len(argv):
         token = argv[i]
-        if not _is_flag(token):
+        if not is_flag(token):
             positional.append(token)
             i += 1
             continue
         written, has_value = token.split("=", 1)[0], "=" in token
         key = written.lstrip("-").replace("-", "_")
-        bare = not has_value and (i + 1 == len(argv) or _is_flag(argv[i + 1]))
+        bare = not has_value and (i + 1 == len(argv) or is_flag(argv[i + 1]))
         negated = False
         if key in parameters:
             name = key
@@ -300,7 +285,7 @@ def check_command_line(component, argv: list[str]):
             raise UsageError(f"give a command: {program_name()} {'|'.join(component)} [options] "
                              "(--help describes them)")
         command = argv[0]
-        if _is_flag(command):
+        if is_flag(command):
             raise UsageError(f"give the command first: {program_name()} {'|'.join(component)} [options]")
         if command not in component:
             guess = closest(command, component)
@@ -318,7 +303,7 @@ def help_text(component, argv: list[str]) -> str:
     """--help for a function (its summary and every option, with the names as they are typed: --label-fraction,
     not Fire's --label_fraction) or for a {command: function} dict (its commands, or the chosen one's help)."""
     if isinstance(component, dict):
-        command = next((a for a in argv if not _is_flag(a)), None)
+        command = next((a for a in argv if not is_flag(a)), None)
         if command in component:
             return help_text(component[command], []).replace(program_name(), f"{program_name()} {command}", 1)
         width = max(map(len, component))
@@ -402,40 +387,3 @@ def run(component) -> None:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the scripts, with the Fire commands' answer to a mistyped option: the closest valid one.
-
-    Python 3.11's argparse says only "unrecognized arguments: --limt 10". Prefixes are not expanded
-    (allow_abbrev=False): `--lim 5` is refused, never silently taken as `--limit 5`.
-    """
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def parse_args(self, args=None, namespace=None):
-        # Every option-like token is checked first, so a mistyped required option (`--bundel`) is named
-        # as such rather than reported as a missing --bundle.
-        args = list(sys.argv[1:] if args is None else args)
-        known = {o for action in self._actions for o in action.option_strings}
-        for token in args:
-            if token == "--":
-                break
-            if _is_flag(token) and token.split("=", 1)[0] not in known:
-                self.error(self._unknown_message([token]))
-        namespace, extras = self.parse_known_args(args, namespace)
-        if extras:
-            self.error(self._unknown_message(extras))
-        return namespace
-
-    def _unknown_message(self, extras: list[str]) -> str:
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        for token in extras:
-            if _is_flag(token):
-                written = token.split("=", 1)[0]
-                guess = closest(written.lstrip("-").replace("_", "-"), [o[2:] for o in options])
-                return f"unknown option {written} (" + (f"did you mean --{guess}?" if guess else
-                                                          "see --help for the options") + ")"
-        return f"unexpected argument {extras[0]!r}"

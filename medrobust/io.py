@@ -1,6 +1,7 @@
 """Run files: atomic writes (a crash mid-write never leaves a half-written file under the final name)
 and the metadata every output records (package versions). Below every other medrobust module: it
-imports no TensorFlow and nothing from medrobust."""
+imports no TensorFlow and nothing from medrobust (the temporary file beside the target comes from the
+device package, medrobust_screen.tempfiles)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import importlib.metadata
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
+
+from medrobust_screen.tempfiles import mkstemp_beside
 
 VERSIONED_PACKAGES = ("medrobust", "tensorflow", "keras", "numpy", "scikit-learn", "tf2onnx", "onnxruntime",
                       "ai-edge-litert")
@@ -24,38 +26,6 @@ def package_versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux allows (/proc), else by setting it back."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def mkstemp_beside(path: str | os.PathLike, text: bool = False) -> tuple[int, str]:
-    """tempfile.mkstemp in path's folder, with the mode a plainly created file would get (0666 & ~umask).
-
-    mkstemp makes 0600 files, and a rename keeps that mode: outputs would be unreadable by the
-    group/others the user's umask lets read them. Returns (fd, temporary path).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", text=text)
-    try:
-        if hasattr(os, "fchmod"):  # POSIX; on Windows mkstemp's file is already readable
-            os.fchmod(fd, 0o666 & ~current_umask())
-    except BaseException:
-        os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return fd, tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -8,6 +8,7 @@ this module needs no training run.
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -44,10 +45,13 @@ sys.argv = ["medrobust-screen"] + sys.argv[1:]
 runpy.run_module("export.runtime", run_name="__main__", alter_sys=True)
 """
 
-# The project modules a screening run loads (printed as JSON at exit), with TensorFlow made impossible.
-LOADED = NO_TF.replace("import runpy", """import atexit, json
-atexit.register(lambda: print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("medrobust", "export")))))
-import runpy""")
+# The project modules a screening run of the installed command (medrobust_screen.cli:main, run as
+# `python -m medrobust_screen`) loads, printed as JSON at exit, with TensorFlow made impossible.
+LOADED = NO_TF.replace("import export\n", "").replace("import runpy", """import atexit, json
+atexit.register(lambda: print(json.dumps(sorted(m for m in sys.modules
+                                                if m.split(".")[0] in ("medrobust", "export", "medrobust_screen")))))
+import runpy""").replace('run_module("export.runtime"', 'run_module("medrobust_screen"')
+DEVICE = REPO / "medrobust_screen"
 
 
 class _StandInDetector:
@@ -549,7 +553,9 @@ def test_predict_refuses_wrong_tensors_with_a_clear_message(bundle_dir, keys, ba
 def test_light_install_has_no_tensorflow_and_ships_every_module_the_runtime_loads(bundle_dir, scans, trust, tmp_path):
     """Issue 12: the TF-free screening install printed a pip conflict (medrobust requires tensorflow).
     `pip install ./edge` is its own distribution: its requirements hold no TensorFlow, and it ships every
-    project module a screening run (signature check included) actually loads."""
+    project module a screening run (signature check included) actually loads.
+    Issue 24: it ships the medrobust_screen package whole (every module in its folder, no hand-kept
+    list), its command is medrobust_screen's, and a screening run loads nothing outside that package."""
     proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
                           cwd=REPO / "edge", capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -558,14 +564,56 @@ def test_light_install_has_no_tensorflow_and_ships_every_module_the_runtime_load
     base = (info / "requires.txt").read_text().split("\n[")[0]  # before the extras' sections
     requires = {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in base.split()}
     assert requires == {"numpy", "pillow", "ai-edge-litert", "cryptography", "pydicom"}
-    assert "medrobust-screen = export.runtime:main" in (info / "entry_points.txt").read_text()
+    assert "medrobust-screen = medrobust_screen.cli:main" in (info / "entry_points.txt").read_text()
     shipped = {line[len("../"):-len(".py")].replace("/", ".").removesuffix(".__init__")
                for line in (info / "SOURCES.txt").read_text().splitlines() if line.startswith("../")}
+    in_folder = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                 for p in DEVICE.rglob("*.py")}
+    assert shipped == in_folder, (sorted(in_folder - shipped), sorted(shipped - in_folder))
     run = subprocess.run([sys.executable, "-c", LOADED, "--bundle", str(bundle_dir), *trust, str(scans / "nested"),
                           "--quiet"], capture_output=True, text=True, env=ENV, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     loaded = set(json.loads(run.stdout.strip().splitlines()[-1]))
-    assert "export.signing" in loaded and loaded <= shipped, sorted(loaded - shipped)
+    assert "medrobust_screen.signing" in loaded and loaded <= shipped, sorted(loaded - shipped)
+
+
+def test_device_package_imports_no_tensorflow_and_nothing_of_the_training_side():
+    """Issue 24: medrobust_screen imports no TensorFlow (nor Keras, ONNX) and nothing from medrobust or
+    export, in its code (every import statement) and in fact (every module imported, TensorFlow installed)."""
+    offenders = []
+    for path in DEVICE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.name} imports {n}" for n in names
+                          if n.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "medrobust",
+                                                 "export")]
+    assert not offenders, offenders
+    code = ("import importlib, pkgutil, sys, medrobust_screen\n"
+            "for m in pkgutil.walk_packages(medrobust_screen.__path__, 'medrobust_screen.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "import medrobust_screen.cli, medrobust_screen.signing, cryptography.hazmat.primitives.asymmetric.ed25519\n"
+            "medrobust_screen.cli.build_parser()\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'onnx', 'onnxruntime', "
+            "'tf2onnx', 'medrobust', 'export'))\n"
+            "print(len([m for m in sys.modules if m.startswith('medrobust_screen.')]), bad); assert not bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert int(proc.stdout.split()[0]) >= len(list(DEVICE.glob("*.py"))) - 2  # all but __init__ and __main__
+
+
+def test_old_and_new_command_paths_write_the_same_bytes(bundle_dir, scans, trust, tmp_path):
+    """Issue 24: `python -m export.runtime` (kept for existing users) is the same command as the
+    medrobust_screen package's: the same rows, byte for byte."""
+    outputs = {}
+    for module in ("export.runtime", "medrobust_screen"):
+        out = tmp_path / f"{module}.csv"
+        proc = subprocess.run([sys.executable, "-m", module, "--bundle", str(bundle_dir), *trust, str(scans),
+                               "--out", str(out), "--quiet"],
+                              capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs[module] = out.read_bytes()
+    assert outputs["export.runtime"] == outputs["medrobust_screen"] and outputs["export.runtime"].count(b"\n") > 10
 
 
 def test_a_closed_pipe_ends_the_run_quietly(bundle_dir, scans, trust):

@@ -45,7 +45,6 @@ plain Keras graph (TFLite export; filters are min/max networks and slices, no so
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 import time
@@ -57,38 +56,20 @@ import tensorflow as tf
 from keras import layers, ops
 
 from medrobust.detection import scores as S
+from medrobust.detection import storage
 from medrobust.detection.autoencoder import build_autoencoder, train_autoencoder
+from medrobust.detection.graph import ScoreGraph
+from medrobust.detection.parts import (AE_PARTS, ALL_PARTS, BOUNDARY_DELTA, COMBINATIONS,  # noqa: F401 (re-exported)
+                                       DEFAULT_PARTS, GAUSSIAN_ARRAYS, LEGACY_PARTS, LOG_FLOORS, LOG_PARTS,
+                                       MEDIAN_SQUEEZERS, PARTS, RESIDUAL_DEFAULTS, SCORE_NAMES, SQUEEZE_BITS,
+                                       STAT_PREFIX, log_np, pooled_parts)
 from medrobust.detection.taps import TAP_NAMES, default_taps, flat_layers, stage_ends, tap_model
-from medrobust.io import atomic_save_model, atomic_write_bytes, atomic_write_json, package_versions, read_json
 
-ALL_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
-             "squeeze_bits", "squeeze_median", "boundary")
-LEGACY_PARTS = ("reconstruction", "feature", "mahalanobis", "boundary")  # what a medrobust-uad/1 detector has
-# Default of Detector.fit (and so of `python -m medrobust.train`), chosen on kermany/val by
-# benchmarks/detector_quality.py --run (lowest adaptive system risk at 1/255 and 2/255 while flagging every
-# kind of non-OCT input): the autoencoder parts were at chance on real scans, bit-depth squeezing and the
-# boundary margin carry the detection.
-DEFAULT_PARTS = ("mahalanobis", "squeeze_bits", "boundary")
-PARTS = DEFAULT_PARTS
-SCORE_NAMES = ("combined",) + DEFAULT_PARTS
-AE_PARTS = ("reconstruction", "feature")
-LOG_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
-             "squeeze_bits", "squeeze_median")  # positive, heavy-tailed: standardised as log(score + floor)
-# An L1 change of the softmax below 0.001 carries no information (and its log would dominate the spread).
-LOG_FLOORS = {"squeeze_bits": 1e-3, "squeeze_median": 1e-3}
-COMBINATIONS = ("max", "sum", "max_all", "sum_positive")
-SQUEEZE_BITS = 5  # Xu et al. 2018's choice for 8-bit natural images (CIFAR-10, ImageNet)
-MEDIAN_SQUEEZERS = ("median2", "median3")
-RESIDUAL_DEFAULTS = {"dark_fraction": 0.5, "softness": 0.02, "background": 5}
-FORMAT, LEGACY_FORMAT = "medrobust-uad/2", "medrobust-uad/1"
-AUTOENCODER_FILE, CONFIG_FILE, STATS_FILE = "autoencoder.keras", "detector.json", "stats.npz"
-BOUNDARY_DELTA = 0.01
-GAUSSIAN_ARRAYS = ("means", "precision", "whitening")
-# stats.npz keys: penultimate Gaussians as in format /1, the tapped layers' with a prefix ("early_means", ...)
-STAT_PREFIX = {"mahalanobis": "", "mahalanobis_early": "early_", "mahalanobis_middle": "middle_"}
+# The part names and settings live in medrobust.detection.parts, the files in .storage; importable from here too.
+FORMAT, LEGACY_FORMAT = storage.FORMAT, storage.LEGACY_FORMAT
 
 
-class Detector:
+class Detector(ScoreGraph):
     """Unsupervised adversarial detector for one classifier. Build it with `Detector.fit` or `Detector.load`."""
 
     def __init__(self, classifier: keras.Model, autoencoder: keras.Model | None, stats: dict[str, np.ndarray],
@@ -264,10 +245,10 @@ class Detector:
             raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
         self._compiled = self._parts_fn = None
         parts = self._parts_numpy(x_val)
-        standardise = {name: list(S.location_scale(_log_np(name, parts[name]))) for name in self.parts}
+        standardise = {name: list(S.location_scale(log_np(name, parts[name]))) for name in self.parts}
         self.config.update(standardise=standardise, combination=combination, target_fpr=target_fpr,
                            anomaly=[0.0, 1.0], threshold=math.inf)
-        pooled = _pooled_parts(self.parts, combination)
+        pooled = pooled_parts(self.parts, combination)
         if pooled:
             z = self._z_numpy(parts)
             excess = sum(np.maximum(z[name], 0.0) for name in pooled)
@@ -331,86 +312,6 @@ class Detector:
         outputs = [layers.Identity(name=name)(out[name]) for name in self.score_names]
         return keras.Model(inputs, outputs, name="uad_score")
 
-    # -- the score graph (keras.ops only) -------------------------------------------------------------
-    def _graph(self, x, call) -> dict:
-        parts = self._parts_graph(x, call)
-        c = self.config
-        z = {}
-        for name in self.parts:
-            mean, std = c["standardise"][name]
-            v = S.log_score(parts[name] + LOG_FLOORS.get(name, 0.0)) if name in LOG_PARTS else parts[name]
-            z[name] = (v - mean) / std
-        rule = c["combination"]
-        if rule == "sum":
-            combined = sum(z[name] for name in self.parts)
-        elif rule == "max_all":
-            combined = ops.max(ops.stack([z[name] for name in self.parts], axis=1), axis=1)
-        else:
-            pooled = _pooled_parts(self.parts, rule)
-            anomaly = None
-            if pooled:
-                excess = sum(ops.relu(z[name]) for name in pooled)
-                anomaly = (excess - c["anomaly"][0]) / c["anomaly"][1]
-            if rule == "max" and "boundary" in self.parts:
-                combined = z["boundary"] if anomaly is None else ops.maximum(z["boundary"], anomaly)
-            else:
-                combined = anomaly
-        return {"combined": combined, **{name: parts[name] for name in self.parts}, "logits": parts["logits"]}
-
-    def _parts_graph(self, x, call) -> dict:
-        raw = self._raw_graph(x, call)
-        out = {name: raw[name] for name in (*self.parts, "logits") if name != "feature"}
-        if "feature" in self.parts:
-            scales = self.config["feature_scales"]
-            out["feature"] = raw["divergence"] / scales["divergence"] + raw["distance"] / scales["distance"]
-        return out
-
-    def _raw_graph(self, x, call) -> dict:
-        """Every ingredient of the parts. The classifier runs once on x and once per extra input (the
-        reconstruction, each squeezed image), all in one batched call."""
-        parts, c = self.parts, self.config
-        extra = []  # (name, image batch) run through the classifier along with x
-        rec = None
-        if self.autoencoder is not None:
-            rec = call(self.autoencoder, x)
-            if "feature" in parts:
-                extra.append(("reconstruction", rec))
-        if "squeeze_bits" in parts:
-            extra.append(("squeeze_bits", S.bit_depth(x, c["squeeze_bits"])))
-        if "squeeze_median" in parts:
-            extra += [(q, S.SQUEEZERS[q](x)) for q in MEDIAN_SQUEEZERS]
-        batch = x if not extra else ops.concatenate([x] + [v for _, v in extra], axis=0)
-        outs = call(self._model, batch)
-        k = 1 + len(extra)
-        # [k * n, ...] -> k blocks of n; only x's block is needed for the feature maps.
-        logits_all = ops.reshape(outs[0], (k, -1, outs[0].shape[-1]))
-        logits = logits_all[0]
-        features_all = ops.reshape(outs[1], (k, -1, outs[1].shape[-1]))
-        features = features_all[0]
-        block = {name: 1 + i for i, (name, _) in enumerate(extra)}  # which block of the batch holds what
-        raw = {"logits": logits}
-        if rec is not None:
-            raw["reconstruction"] = S.reconstruction_error(x, rec)
-        if "feature" in parts:
-            raw["divergence"] = S.js_divergence(logits, logits_all[block["reconstruction"]])
-            raw["distance"] = S.l2_distance(features, features_all[block["reconstruction"]])
-        if "mahalanobis" in parts:
-            raw["mahalanobis"] = S.mahalanobis_distance(features, self.stats["means"], self.stats["whitening"])
-        for i, name in enumerate(self._taps):
-            part, prefix = f"mahalanobis_{name}", STAT_PREFIX[f"mahalanobis_{name}"]
-            pooled = ops.reshape(ops.mean(outs[2 + i], axis=(1, 2)), (k, -1, outs[2 + i].shape[-1]))[0]
-            raw[part] = S.mahalanobis_distance(pooled, self.stats[prefix + "means"], self.stats[prefix + "whitening"])
-        if "residual" in parts:
-            raw["residual"] = S.dark_residual_energy(x, **c.get("residual", RESIDUAL_DEFAULTS))
-        if "squeeze_bits" in parts:
-            raw["squeeze_bits"] = S.squeeze_distance(logits, logits_all[block["squeeze_bits"]])
-        if "squeeze_median" in parts:
-            d2, d3 = (S.squeeze_distance(logits, logits_all[block[q]]) for q in MEDIAN_SQUEEZERS)
-            raw["squeeze_median"] = ops.maximum(d2, d3)
-        if "boundary" in parts:
-            raw["boundary"] = S.boundary_closeness(logits, c["boundary_delta"])
-        return raw
-
     def _raw_parts(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """The unscaled ingredients (divergence and distance separately); used to fit the feature scales."""
         if self._raw_fn is None:
@@ -431,56 +332,21 @@ class Detector:
         z = {}
         for name in self.parts:
             mean, std = self.config["standardise"][name]
-            z[name] = ((_log_np(name, parts[name]) - mean) / std).astype(np.float32)
+            z[name] = ((log_np(name, parts[name]) - mean) / std).astype(np.float32)
         return z
 
-    # -- persistence -----------------------------------------------------------------------------------
+    # -- persistence (medrobust.detection.storage) ----------------------------------------------------
     def save(self, path) -> Path:
         """Write the folder path/ with detector.json, stats.npz and (when a part uses it) autoencoder.keras;
         no pickle."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.autoencoder is not None:
-            atomic_save_model(self.autoencoder, path / AUTOENCODER_FILE)
-        elif (path / AUTOENCODER_FILE).is_file():
-            (path / AUTOENCODER_FILE).unlink()  # a stale one from an earlier save to this folder
-        buffer = io.BytesIO()
-        np.savez(buffer, **self.stats)
-        atomic_write_bytes(path / STATS_FILE, buffer.getvalue())
-        atomic_write_json(path / CONFIG_FILE, {**self.config, "score_names": list(self.score_names),
-                                              "versions": package_versions()})
-        return path
+        return storage.save(self, path)
 
     @classmethod
     def load(cls, path, classifier: keras.Model) -> "Detector":
         """Load a detector saved by `save` for this classifier (the .keras file with safe_mode=True, the
         arrays with allow_pickle=False). Reads formats medrobust-uad/2 and /1 (the four original parts).
         Raises ValueError naming the file for a missing file, unknown format or missing array."""
-        path = Path(path)
-        missing = [f for f in (CONFIG_FILE, STATS_FILE) if not (path / f).is_file()]
-        if missing:
-            raise ValueError(f"{path}: not a saved detector (missing {', '.join(missing)})")
-        config = read_json(path / CONFIG_FILE)
-        if config.get("format") not in (FORMAT, LEGACY_FORMAT):
-            raise ValueError(f"{path / CONFIG_FILE}: unknown detector format {config.get('format')!r} "
-                             f"(expected {FORMAT} or {LEGACY_FORMAT})")
-        if config["format"] == LEGACY_FORMAT:
-            config["parts"] = list(LEGACY_PARTS)
-        parts = config.get("parts") or []
-        autoencoder = None
-        if any(p in AE_PARTS for p in parts):
-            if not (path / AUTOENCODER_FILE).is_file():
-                raise ValueError(f"{path}: not a saved detector (missing {AUTOENCODER_FILE})")
-            autoencoder = keras.models.load_model(path / AUTOENCODER_FILE, compile=False, safe_mode=True)
-        with np.load(path / STATS_FILE, allow_pickle=False) as npz:
-            stats = {k: npz[k] for k in npz.files}
-        needed = [STAT_PREFIX[p] + k for p in parts if p in STAT_PREFIX for k in GAUSSIAN_ARRAYS]
-        absent = [k for k in needed if k not in stats]
-        if absent:
-            raise ValueError(f"{path / STATS_FILE}: missing arrays {', '.join(absent)}")
-        config.pop("versions", None)
-        config.pop("score_names", None)
-        return cls(classifier, autoencoder, stats, config)
+        return cls(classifier, *storage.read(path))
 
     def _check_shapes(self) -> None:
         c = self.config
@@ -546,21 +412,6 @@ def _predict(model: keras.Model, x: np.ndarray, batch_size: int = 128) -> list[n
         o = model(tf.constant(x[i:i + batch_size], tf.float32), training=False)
         outs.append([o[0].numpy(), o[1].numpy()] + [ops.mean(t, axis=(1, 2)).numpy() for t in o[2:]])
     return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
-
-
-def _pooled_parts(parts, rule: str) -> list[str]:
-    """The parts whose positive z-scores are summed into the pooled anomaly score of rule "max" (all but
-    boundary) or "sum_positive" (all)."""
-    if rule == "max":
-        return [p for p in parts if p != "boundary"]
-    return list(parts) if rule == "sum_positive" else []
-
-
-def _log_np(name: str, v: np.ndarray) -> np.ndarray:
-    """The scale a part is standardised on (numpy twin of the graph's transform)."""
-    if name not in LOG_PARTS:
-        return np.asarray(v, np.float64)
-    return np.log(np.maximum(np.asarray(v, np.float64) + LOG_FLOORS.get(name, 0.0), 1e-12))
 
 
 def _check_images(x, name: str) -> None:

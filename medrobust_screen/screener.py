@@ -1,0 +1,187 @@
+"""The screening model of a checked bundle (LiteRT), run on one image at a time: one result row per image.
+
+A row is ``COLUMNS``: file, verdict (``classify`` | ``refer`` | ``error``), class, confidence,
+anomaly_score, error, training_data, bundle_signature (see medrobust_screen.cli for the command).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from medrobust_screen import dicom as dicom_files
+from medrobust_screen import volume as volumes
+from medrobust_screen.errors import BundleError, UsageError
+from medrobust_screen.images import ImageError, load_image
+from medrobust_screen.inputs import iter_image_files
+from medrobust_screen.manifest import (MANIFEST, check_signature, read_manifest, read_manifest_bytes, training_data,
+                                       verify_files)
+
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_SCORE = "anomaly_score"
+OUTPUT_FLAG = "flag"
+OUTPUT_THRESHOLD = "threshold"  # screening models: the threshold baked into the graph, [n] (same value)
+
+VERDICT_CLASSIFY = "classify"
+VERDICT_REFER = "refer"
+VERDICT_ERROR = "error"
+VERDICT_RULE = ("flag = anomaly_score > threshold; verdict = 'refer' (human review, do not trust the AI "
+                "on this scan) if flag, else 'classify' (the most probable class stands)")
+
+COLUMNS = ("file", "verdict", "class", "confidence", "anomaly_score", "error", "training_data", "bundle_signature")
+UNVERIFIED = "NOT VERIFIED (--allow-unsigned)"
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise BundleError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime)") from None
+    return Interpreter
+
+
+class Screener:
+    """A verified bundle's screening model, ready to screen one image at a time.
+
+    screener = Screener("bundles/NAME", trusted_key="publisher.pub")   # or allow_unsigned=True
+    for row in screener.screen(["scans/"]): ...
+
+    Raises BundleError (one-line reason) for a bundle that fails any check (see medrobust_screen.cli).
+    ``.signature`` is the signature status, ``.training_data`` the provenance, ``.threshold`` the
+    threshold (manifest and model agree on it).
+    """
+
+    def __init__(self, bundle_dir, threads: int = 1, trusted_key=None, allow_unsigned: bool = False):
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        self.bundle_dir = os.fspath(bundle_dir)
+        raw = read_manifest_bytes(self.bundle_dir)
+        # The signature is checked over the very bytes parsed below (no second read of the manifest).
+        self.signature = check_signature(self.bundle_dir, raw, trusted_key, allow_unsigned)
+        self.manifest = read_manifest(self.bundle_dir, raw)
+        verify_files(self.bundle_dir, self.manifest)
+        m = self.manifest
+        self.training_data = training_data(m)
+        self.classes = tuple(m["classes"])
+        self.threshold = float(m["threshold"])
+        self.image_size = int(m["preprocessing"]["image_size"])
+        name = m["models"]["screening"]["file"]
+        with open(os.path.join(self.bundle_dir, name), "rb") as f:
+            content = f.read()
+        if hashlib.sha256(content).hexdigest() != m["files"][name]["sha256"]:  # changed since verify_files
+            raise BundleError(f"{self.bundle_dir}: {name} changed while loading; refusing it")
+        try:
+            self.interpreter = _interpreter_class()(model_content=content, num_threads=threads)
+        except ValueError as exc:
+            raise BundleError(f"{self.bundle_dir}: {name} is not a loadable TFLite model ({exc})") from None
+        self._bind(name)
+        self._check_threshold(name)
+
+    @property
+    def signature_label(self) -> str:
+        if self.signature["status"] == "verified":
+            return f"verified ({self.signature['key_fingerprint']})"
+        return UNVERIFIED
+
+    def _bind(self, name: str) -> None:
+        it = self.interpreter
+        signatures = it.get_signature_list()
+        if len(signatures) != 1:
+            raise BundleError(f"{name}: expected one signature, found {sorted(signatures)}")
+        inputs, outputs = _signature_details(it, next(iter(signatures)))
+        needed = (OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_FLAG, OUTPUT_THRESHOLD)
+        if len(inputs) != 1 or any(k not in outputs for k in needed):
+            raise BundleError(f"{name}: expected one image input and outputs {', '.join(needed)}; "
+                              f"found {sorted(inputs)} -> {sorted(outputs)}")
+        (detail,) = inputs.values()
+        shape = [int(v) for v in detail["shape_signature"]]
+        if shape[1:] != [self.image_size, self.image_size, 1] or detail["dtype"] != np.float32:
+            raise BundleError(f"{name}: input is {shape} {np.dtype(detail['dtype']).name}, the manifest says "
+                              f"[-1, {self.image_size}, {self.image_size}, 1] float32")
+        self._input = detail["index"]
+        it.resize_tensor_input(self._input, [1, self.image_size, self.image_size, 1])
+        it.allocate_tensors()
+        self._outputs = {k: outputs[k]["index"] for k in needed}
+        n = int(outputs[OUTPUT_PROBABILITIES]["shape_signature"][-1])
+        if n != len(self.classes):
+            raise BundleError(f"{name}: {n} class probabilities, the manifest lists {len(self.classes)} classes")
+
+    def _check_threshold(self, name: str) -> None:
+        """The flag is computed inside the model with its own constant: a manifest that states another
+        threshold describes a different model (an edited manifest), so it is refused."""
+        self.interpreter.set_tensor(self._input, np.zeros((1, self.image_size, self.image_size, 1), np.float32))
+        self.interpreter.invoke()
+        baked = float(self.interpreter.get_tensor(self._outputs[OUTPUT_THRESHOLD]).reshape(-1)[0])
+        if np.float32(self.threshold) != np.float32(baked):
+            raise BundleError(f"{self.bundle_dir}: {MANIFEST} says threshold {self.threshold!r}, but {name} has "
+                              f"{baked!r} baked in; refusing a manifest that does not describe its model")
+
+    def predict(self, image: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """One preprocessed image [s, s, 1] (or [1, s, s, 1]) -> (probabilities, anomaly score, flag)."""
+        image = np.asarray(image)
+        s = self.image_size
+        if image.shape not in ((s, s), (s, s, 1), (1, s, s, 1)):
+            raise ValueError(f"image has shape {image.shape}; the bundle expects [{s}, {s}, 1] (or [1, {s}, {s}, 1])")
+        if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+            raise ValueError(f"image has dtype {image.dtype}; expected float pixels in [0, 1]")
+        x = np.ascontiguousarray(image, np.float32).reshape(1, s, s, 1)
+        if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+            raise ValueError("image pixels must be finite and in [0, 1]")
+        self.interpreter.set_tensor(self._input, x)
+        self.interpreter.invoke()
+        probs = np.array(self.interpreter.get_tensor(self._outputs[OUTPUT_PROBABILITIES])[0], np.float32)
+        score = float(self.interpreter.get_tensor(self._outputs[OUTPUT_SCORE]).reshape(-1)[0])
+        flag = bool(self.interpreter.get_tensor(self._outputs[OUTPUT_FLAG]).reshape(-1)[0] > 0.5)
+        return probs, score, flag
+
+    def load(self, path: str) -> np.ndarray:
+        """A file -> the model input [s, s, 1] (ImageError with a one-line reason if it cannot be)."""
+        return load_image(path, self.image_size)
+
+    def screen_file(self, path: str) -> dict:
+        """One row for one file (an error row if it cannot be decoded)."""
+        try:
+            image = self.load(path)
+        except ImageError as exc:
+            return self.row(path, error=exc.reason)
+        except OSError as exc:  # pragma: no cover - load_image turns these into ImageError already
+            return self.row(path, error=f"cannot read file ({exc.__class__.__name__}: {exc})")
+        probs, score, flag = self.predict(image)
+        k = int(np.argmax(probs))
+        return self.row(path, verdict=VERDICT_REFER if flag else VERDICT_CLASSIFY, cls=self.classes[k],
+                        confidence=float(f"{probs[k]:.6f}"), anomaly_score=float(f"{score:.7g}"))
+
+    def row(self, path: str, verdict: str = VERDICT_ERROR, cls: str = "", confidence="", anomaly_score="",
+            error: str = "", **extra) -> dict:
+        """A result row (COLUMNS; `extra` may add columns a caller declared); an error row by default."""
+        return {"file": path, "verdict": verdict, "class": cls, "confidence": confidence,
+                "anomaly_score": anomaly_score, "error": " ".join(str(error).split()),
+                "training_data": self.training_data["label"], "bundle_signature": self.signature_label, **extra}
+
+    def screen(self, paths: Iterable[str], stats: dict | None = None,
+               volume_options: "volumes.VolumeOptions | None" = None) -> Iterator[dict]:
+        """Rows for every image under `paths`, one at a time (a generator: bounded memory).
+        A DICOM file gives its volume row (and B-scan rows with volume_options.per_frame). Every row
+        carries the run columns (training_data, bundle_signature)."""
+        run_columns = {"training_data": self.training_data["label"], "bundle_signature": self.signature_label}
+        for path in iter_image_files(paths, stats):
+            if dicom_files.is_dicom_file(path):
+                for row in volumes.screen_volume(self, path, volume_options or volumes.VolumeOptions()):
+                    yield {**row, **run_columns}
+            else:
+                yield self.screen_file(path)
+
+
+def _signature_details(interpreter, key: str) -> tuple[dict, dict]:
+    """Input and output tensor details by name. The signature runner is dropped before returning: the
+    interpreter refuses resize_tensor_input while a runner holds a reference to it."""
+    runner = interpreter.get_signature_runner(key)
+    details = runner.get_input_details(), runner.get_output_details()
+    del runner
+    return details
