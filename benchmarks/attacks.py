@@ -112,6 +112,8 @@ def cpu_report(cpuinfo: str | None = None, environ=None) -> list[str]:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if fields.get("cpu family") and fields.get("model"):  # virtual machines often hide the model name
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
     flags = set(fields.get("flags", "").split())
     if flags:
         have = [name for flag, name in VECTOR_EXTENSIONS if flag in flags]
