@@ -1,6 +1,6 @@
 """Attack throughput: medrobust's PGD / APGD vs IBM ART, vs a bare eager gradient loop, and vs the machine.
 
-    python benchmarks/attacks.py [--batch 128] [--size 28] [--width 32] [--repeats 3] [--jit] [--skip-art]
+    python benchmarks/attacks.py [--batch 128] [--size 28] [--width 32] [--repeats 5] [--jit] [--skip-art]
 
 One model (the default small CNN, random weights: speed does not depend on training) and one batch
 of phantom scans, L-inf eps = 4/255. Labels are the model's own predictions, so every image starts
@@ -9,7 +9,12 @@ image. Our attacks run with early_stop=False for the same reason (early stopping
 Every attack is called once before timing (warm-up: tf.function tracing, our attacks' freezing of
 the model and ART's own set-up are EXCLUDED); then the attacks are timed in interleaved rounds (load
 from other processes hits all of them alike) and each figure is the median over --repeats rounds.
-Prints images/s and ratios:
+The first lines name the CPU, its vector extensions (AVX2 / AVX-512 / AMX / BF16), TensorFlow's oneDNN
+setting and any cap on oneDNN's instruction set: ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU makes oneDNN
+(the convolutions, pooling and matmuls) dispatch its AVX2 kernels, an emulation of an AVX2-only CPU (not
+a real one: clock, caches and memory stay those of this CPU; TensorFlow's own Eigen kernels, compiled into
+the wheel, run the same code either way). Speed figures hold for one instruction set: quote the CPU.
+Prints images/s and ratios (with the range of the per-round ratios: how stable the median is):
   - PGD-10: ours vs ART ProjectedGradientDescent (max_iter=10, one random start);
   - PGD-10: ours vs a bare eager loop of 10 tf.GradientTape gradient evaluations (no sign, step,
     projection or bookkeeping), the floor for any 10-step gradient attack run eagerly;
@@ -53,8 +58,8 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Warm up every fn once, then time them in `repeats` interleaved rounds; median (wall, cpu) each."""
+def interleaved_rounds(fns: dict, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Warm up every fn once, then time them in `repeats` interleaved rounds; (wall, cpu) of each round."""
     for name, fn in fns.items():
         print(f"warming up {name} ...", file=sys.stderr, flush=True)
         fn()
@@ -63,6 +68,15 @@ def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
         for name, fn in fns.items():
             print(f"round {r + 1}/{repeats}: {name}", file=sys.stderr, flush=True)
             runs[name].append(timed(fn))
+    return runs
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Warm up every fn once, then time them in `repeats` interleaved rounds; median (wall, cpu) each."""
+    return medians(interleaved_rounds(fns, repeats))
+
+
+def medians(runs: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[float, float]]:
     return {name: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for name, v in runs.items()}
 
 
@@ -71,6 +85,60 @@ def median_seconds(name: str, fn, repeats: int) -> float:
     print(f"timing {name} ...", file=sys.stderr, flush=True)
     fn()
     return statistics.median(timed(fn)[0] for _ in range(repeats))
+
+
+# /proc/cpuinfo flags -> the names printed for them (vector extensions that decide which kernels run)
+VECTOR_EXTENSIONS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
+                     ("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX"), ("amx_bf16", "AMX-BF16"))
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's cap on the kernels it dispatches
+
+
+def cpu_report(cpuinfo: str | None = None, environ=None) -> list[str]:
+    """Lines naming the CPU, its vector extensions, TensorFlow's oneDNN setting and any oneDNN ISA cap
+    (from /proc/cpuinfo where there is one). A cap below the CPU's own instruction set makes this run an
+    emulation of a CPU with only that set (oneDNN's convolutions and matmuls; TensorFlow's other kernels
+    are compiled into the wheel and do not change), which the lines say."""
+    import platform
+
+    environ = os.environ if environ is None else environ
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if fields.get("cpu family") and fields.get("model"):  # virtual machines often hide the model name
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
+    flags = set(fields.get("flags", "").split())
+    if flags:
+        have = [name for flag, name in VECTOR_EXTENSIONS if flag in flags]
+        extensions = " ".join(have) if have else "none of AVX2 / AVX-512 / AMX"
+        missing = [name for flag, name in VECTOR_EXTENSIONS[:3] + VECTOR_EXTENSIONS[5:6] if flag not in flags]
+        if missing:
+            extensions += f" (no {', no '.join(missing)})"
+    else:
+        extensions = "unknown (no /proc/cpuinfo flags)"
+    lines = [f"CPU: {model}, {os.cpu_count()} logical CPUs; vector extensions: {extensions}"]
+    setting = environ.get("TF_ENABLE_ONEDNN_OPTS")
+    onednn = ("off" if setting is not None and setting.strip().lower() in ("0", "false", "off", "no")
+              else "on")
+    lines.append(f"TensorFlow oneDNN: {onednn} (TF_ENABLE_ONEDNN_OPTS="
+                 + (setting if setting is not None else "unset: on by default on x86 Linux") + ")")
+    caps = [(name, environ[name]) for name in ISA_CAP_VARIABLES if environ.get(name)]
+    if caps:
+        name, value = caps[0]
+        emulated = value.strip().upper().startswith("AVX2") and "avx512f" in flags
+        lines.append(f"oneDNN ISA cap: {name}={value}"
+                     + (": AVX2 EMULATED by capping oneDNN on an AVX-512 CPU, not a real AVX2 machine"
+                        if emulated else " (oneDNN dispatches no kernels above it)"))
+    else:
+        lines.append("oneDNN ISA cap: none (oneDNN uses the best kernels this CPU has)")
+    return lines
 
 
 def frozen_input_gradient(call, x_shape):
@@ -208,7 +276,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="images per attack call")
     parser.add_argument("--size", type=int, default=28, help="image side (pixels)")
     parser.add_argument("--width", type=int, default=None, help="small CNN width (default: the model's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved timed rounds (median reported; 5: per-round ratios against ART spread "
+                             "by up to a third on a shared machine, and the median of 5 ignores two bad rounds)")
     parser.add_argument("--eps", type=float, default=4 / 255)
     parser.add_argument("--jit", action="store_true", help="also time our attacks with jit_compile=True (XLA)")
     parser.add_argument("--skip-art", action="store_true", help="only our attacks and the eager loop")
@@ -234,6 +304,9 @@ def main() -> None:
         parser.error(f"--model {args.model}: not a .keras classifier file{hint}")
     from medrobust.cli import import_tensorflow
 
+    for line in cpu_report():  # before any timing: which kernels these figures are of
+        print(line, flush=True)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
 
     import keras
@@ -317,7 +390,8 @@ def main() -> None:
         art_apgd100 = art_apgd(classifier, eps, 100, n)
         fns["ART PGD-10"] = lambda: art_pgd.generate(x, y)
         fns["ART APGD-100"] = lambda: art_apgd100.generate(x, y)
-    results = interleaved(fns, args.repeats)
+    rounds = interleaved_rounds(fns, args.repeats)
+    results = medians(rounds)
     macs = gradient_macs(model, x.shape[1:])
     peak = matmul_peak()
 
@@ -325,7 +399,9 @@ def main() -> None:
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
           + ("" if args.skip_art else f", ART {art.__version__}")
           + f"; {os.cpu_count()} CPUs, {tf.config.threading.get_intra_op_parallelism_threads() or 'default'} "
-            f"intra-op threads, load average {load:.1f} (other processes)")
+            f"intra-op / {tf.config.threading.get_inter_op_parallelism_threads() or 'default'} inter-op threads, "
+            f"load average {load_start[0]:.1f} at the start, {load:.1f} at the end (1 min; 2 of it may be "
+            "this benchmark)")
     width = f"width {model.get_layer('features').units // 4}, " if not args.model else f"from {args.model}, "
     print(f"model {model.name} {args.size}x{args.size} {width}"
           f"{model.count_params():,} parameters, {macs / 1e6:.1f} MMAC per input-gradient evaluation; batch {n}; "
@@ -339,12 +415,20 @@ def main() -> None:
     for name, (wall, cpu) in results.items():
         gmacs = n * grads[name] * macs / wall / 1e9
         print(f"{name:<24}{wall:>10.3f}{cpu:>8.2f}{n / wall:>10.1f}{gmacs:>9.1f}{gmacs / peak:>9.0%}")
-    print("ratios (throughput, wall time; > 1 means ours is faster):")
+    print("ratios (throughput, wall time; > 1 means ours is faster; [range of the per-round ratios]):")
     ratio = lambda a, b: results[b][0] / results[a][0]  # noqa: E731
-    print(f"  PGD-10  ours / eager 10-gradient loop: {ratio('ours PGD-10', 'eager 10 gradients'):.2f}x")
+
+    def spread(a, b):
+        per_round = [tb[0] / ta[0] for ta, tb in zip(rounds[a], rounds[b])]
+        return f"[{min(per_round):.2f}-{max(per_round):.2f}]"
+
+    print(f"  PGD-10  ours / eager 10-gradient loop: {ratio('ours PGD-10', 'eager 10 gradients'):.2f}x "
+          f"{spread('ours PGD-10', 'eager 10 gradients')}")
     if not args.skip_art:
-        print(f"  PGD-10  ours / ART:                    {ratio('ours PGD-10', 'ART PGD-10'):.2f}x  (goal >= 3x)")
-        print(f"  APGD-100 ours / ART:                   {ratio('ours APGD-100', 'ART APGD-100'):.2f}x  (goal >= 5x)")
+        print(f"  PGD-10  ours / ART:                    {ratio('ours PGD-10', 'ART PGD-10'):.2f}x "
+              f"{spread('ours PGD-10', 'ART PGD-10')}  (goal >= 3x)")
+        print(f"  APGD-100 ours / ART:                   {ratio('ours APGD-100', 'ART APGD-100'):.2f}x "
+              f"{spread('ours APGD-100', 'ART APGD-100')}  (goal >= 4x)")
     if args.bf16:
         print(f"  PGD-10  ours bf16 / ours:              {ratio('ours PGD-10 (bf16)', 'ours PGD-10'):.2f}x")
         print(f"  APGD-100 ours bf16 / ours:             {ratio('ours APGD-100 (bf16)', 'ours APGD-100'):.2f}x")
