@@ -55,7 +55,8 @@ def _kl(p_logits, q_logits):
 
 # -- options --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs", [dict(loss="kl"), dict(loss="trades", beta=-1.0),
-                                    dict(loss="trades", joint_forward=True), dict(loss="trades", attack="cw")])
+                                    dict(loss="trades", joint_forward=True), dict(loss="trades", attack="cw"),
+                                    dict(loss="ce", attack="free")])
 def test_rejects_bad_options(kwargs):
     with pytest.raises(ValueError):
         SSATTrainer(_classifier(), **kwargs)
@@ -217,6 +218,54 @@ def test_gradient_flows_through_both_sides_of_the_kl():
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-7)
     for one_side in (grads(lambda: kl(stop_clean=True)), grads(lambda: kl(stop_adv=True))):
         assert max(np.abs(g - o).max() for g, o in zip(got, one_side)) > 1e-3 * max(np.abs(g).max() for g in got)
+
+
+def _free_reference(clf, teacher, x, y, x_u, lam, beta, eps):
+    """attack="free" by hand: pass 1 gives the clean loss's weight and input gradients, one signed step of
+    eps, pass 2 adds beta * KL(fixed clean || adversarial) on labeled and (times lam) unlabeled images."""
+    x_all = tf.constant(np.concatenate([x, x_u]))
+    pseudo = np.argmax(teacher(x_u, training=False).numpy(), -1)
+    weights = clf.trainable_weights
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x_all)
+        clean = clf(x_all, training=True)
+        clean_loss = tf.reduce_mean(_ce(clean[:BATCH], y)) + lam * tf.reduce_mean(_ce(clean[BATCH:], pseudo))
+    grad_x = tape.gradient(clean_loss, x_all)
+    x_adv = tf.clip_by_value(x_all + eps * tf.sign(grad_x), 0.0, 1.0)
+    with tf.GradientTape() as tape2:
+        kl = _kl(tf.stop_gradient(clean), clf(x_adv, training=True))
+        adv_loss = beta * (tf.reduce_mean(kl[:BATCH]) + lam * tf.reduce_mean(kl[BATCH:]))
+    grads = [a + b for a, b in zip(tape.gradient(clean_loss, weights), tape2.gradient(adv_loss, weights))]
+    return [w.numpy() - 0.1 * g.numpy() for w, g in zip(weights, grads)], float(clean_loss + adv_loss), x_adv
+
+
+def test_free_attack_step_matches_its_formula_with_one_optimizer_update():
+    """attack="free": the adversaries are FGSM along the clean loss's input gradient, taken from the same
+    backward pass as the update, and the step is one SGD update on clean loss + beta * one-sided KL."""
+    x, y = _data()
+    x_u, _ = _data(seed=1)
+    teacher, start = _classifier(7), _classifier(0)
+    lam, beta, eps = 2.0, 5.0, 0.01
+    reference = _classifier(0)
+    want, want_loss, x_adv = _free_reference(reference, teacher, x, y, x_u, lam, beta, eps)
+    assert float(tf.reduce_max(tf.abs(x_adv - np.concatenate([x, x_u])))) <= eps + TOL
+    trainer = _trades(start, teacher=teacher, lam=lam, beta=beta, attack="free")
+    logs = trainer.train_step(((tf.constant(x), tf.constant(x_u)), tf.constant(y)))
+    assert int(trainer.optimizer.iterations) == 1  # one update, not one per pass
+    np.testing.assert_allclose(float(logs["loss"]), want_loss, rtol=1e-4)
+    for got, expected in zip(start.trainable_weights, want):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_free_attack_needs_the_trades_form_and_the_cli_refuses_it_with_ce(tmp_path):
+    from medrobust import cli
+    from medrobust.train import train
+
+    with pytest.raises(ValueError, match="free"):
+        SSATTrainer(_classifier(), loss="ce", attack="free")
+    with pytest.raises(cli.UsageError, match="--attack free needs --ssat-loss trades"):
+        train(data="phantom", ssat_loss="ce", attack="free", out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_without_unlabeled_batch_it_is_trades_on_the_labeled_batch():
