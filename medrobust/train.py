@@ -1,7 +1,8 @@
 """python -m medrobust.train: train a classifier (standard, SSAT, PGD-AT, TRADES) and the UAD detector.
 
 Writes to --out: classifier.keras, detector/ (unless --detector false), config.json, metrics.json and
-training_log.csv. Rerunning the same command after an interruption resumes from the last finished
+training_log.csv; --method ssat with its default --teacher standard also teacher/ (the standard run whose
+pseudo-labels it learns from, a run folder of its own, reused when its options match). Rerunning the same command after an interruption resumes from the last finished
 epoch (Keras BackupAndRestore); rerunning a finished run does nothing unless --overwrite true.
 """
 
@@ -235,9 +236,11 @@ def _unlabeled_pool(o: dict):
                          + f", e.g. {v['images'][0]}" for split, v in found.items())
         raise cli.UsageError(f"--unlabeled {o['unlabeled']} shares scans with {data.source}'s {what}; "
                              "training on them would leak into the evaluation: remove them or use another pool")
-    if not data.patients:
-        warnings.warn(f"--unlabeled: {data.source} names no patients, so only identical images were checked "
-                      "against its val and test splits (not other scans of the same patients)", stacklevel=3)
+    if not data.patients or all(p is None for p in pool.patients):
+        unnamed = data.source if not data.patients else f"the pool {pool.source}"
+        warnings.warn(f"--unlabeled: {unnamed} names no patients, so only identical images were checked against "
+                      "the val and test splits, not other scans of their patients (OCTMNIST, for one, was made "
+                      "from the Kermany OCT2017 scans)", stacklevel=3)
     print(f"unlabeled pool: {len(pool)} scans from {pool.source}"
           + (f" ({len(pool.skipped)} skipped)" if pool.skipped else ""))
     return pool
