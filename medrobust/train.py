@@ -91,7 +91,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       lam: weight of SSAT's unlabeled-batch loss (>= 0; default 3 for --ssat-loss ce, 1 for trades).
       attack: fgsm | pgd | free, how SSAT crafts its adversaries (pgd uses --pgd-steps); default fgsm for
         --ssat-loss ce, free for trades: one signed step along the clean loss's input gradient, taken
-        from the update's own backward pass (about 4x a standard step; pgd: 10-19x; see
+        from the update's own backward pass (4.3-5.5x a standard step at 64 px; pgd: 10-22x; see
         medrobust/training/ssat.py and benchmarks/ssat_step.py).
       ssat_loss: auto (trades for --method ssat) | ce (the paper: lam * CE on adversaries of pseudo-labeled
         unlabeled scans; --ssat-loss ce --teacher snapshot is the paper's form) | trades (robust

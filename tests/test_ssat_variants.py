@@ -409,7 +409,8 @@ def _child(out_path: str) -> None:
     results = {"kept_per_replica": split(tau)}
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     configs = {"threshold": dict(confidence=tau, attack="fgsm"),
-               "snapshot_pgd": dict(teacher="snapshot", pretrain_steps=1, pgd_steps=2)}
+               "snapshot_pgd": dict(teacher="snapshot", pretrain_steps=1, pgd_steps=2),
+               "free": dict(confidence=tau, attack="free")}
     for config, options in configs.items():
         for name, strategy in (("single", tf.distribute.get_strategy()), ("mirrored", mirrored)):
             with strategy.scope():
@@ -440,7 +441,7 @@ def _max_diff(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["threshold", "snapshot_pgd"])
+@pytest.mark.parametrize("config", ["threshold", "snapshot_pgd", "free"])
 def test_mirrored_two_replicas_match_one_device(distributed, config):
     single, mirrored = distributed[f"single_{config}"], distributed[f"mirrored_{config}"]
     assert (single["replicas"], mirrored["replicas"]) == (1, 2)
@@ -449,6 +450,8 @@ def test_mirrored_two_replicas_match_one_device(distributed, config):
         kept = distributed["kept_per_replica"]
         assert kept[0] != kept[1], f"replicas should keep different numbers of pseudo-labels: {kept}"
         assert 0 < single["history"]["pseudo_kept"][0] < 1
+    elif config == "free":  # without a teacher it labels from its own training-mode pass (tau was set in inference mode)
+        assert single["history"]["robust_kl"][0] > 0 and mirrored["history"]["robust_kl"][0] > 0
     else:  # step 1 labeled-only (attacks skipped in a tf.cond on every replica), then the snapshot labels
         assert single["history"]["robust_kl"][0] == 0 == mirrored["history"]["robust_kl"][0]
         assert single["history"]["pseudo_kept"][1] == 1.0

@@ -24,7 +24,7 @@ loss="trades" (robust self-training, Carmon et al. 2019, "Unlabeled data improve
   each batch unlabeled, when both batches have the same size). The confidence mask applies to the
   pseudo-label CE only; the KL terms need no labels.
 
-attack="free" (loss="trades" only; the cheap form, about 4x a standard step instead of 10-19x,
+attack="free" (loss="trades" only; the cheap form, 4.3-5.5x a standard step at 64 px instead of 10-22x,
   benchmarks/ssat_step.py): no separate attack pass. One training-mode pass of the clean images (labeled
   and unlabeled) gives the clean loss CE(f(x), y) + lam * masked-mean CE(f(x_u), y_u) and, from the same
   backward pass as its weight gradient, its input gradient (the idea of Shafahi et al. 2019, "Adversarial
@@ -34,7 +34,9 @@ attack="free" (loss="trades" only; the cheap form, about 4x a standard step inst
   with the clean predictions as a fixed target (no gradient through the KL's clean side, unlike
   TRADES). The attack direction thus comes from batch-statistics (training-mode) BatchNorm, like the
   update, instead of an inference-mode KL maximisation; both passes update BatchNorm's moving statistics
-  as the other trades forms do. Its robustness must be measured against the PGD-k forms (README).
+  as the other trades forms do. Without a teacher the pseudo-labels come from that same training-mode
+  pass (the other forms label in inference mode). Its robustness must be measured against the PGD-k
+  forms (README).
 
 During the `pretrain_steps` labeled-only steps the loss is CE(f(x), y) alone; the trades form also
 skips its (costly) attacks then.
