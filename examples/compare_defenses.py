@@ -23,7 +23,7 @@ interrupted comparison resumes.
 On the phantom every figure is SYNTHETIC: it shows the code works, not how a model behaves on real OCT.
 
 Ablations use --train-option, e.g. SSAT labelling itself (the paper's variant, no snapshot teacher):
-    python examples/compare_defenses.py --methods ssat --fractions 0.1 --detector-for none \
+    python examples/compare_defenses.py --methods ssat_paper --fractions 0.1 --detector-for none \
         --train-option teacher=none --out runs/ssat_selflabel --results docs/ssat_selflabel
 """
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
                 metrics = train(data=args.data, method=method, label_fraction=fraction, epochs=epochs, out=str(run),
                                 detector=str(detector).lower(), seed=seed, progress="false",
-                                **variant_options, **extra)
+                                **{**variant_options, **extra})  # a --train-option overrides the row's own
                 adaptive = args.adaptive == "true" and detector
                 eval_dir = run / (f"eval_{'+'.join(attacks)}_limit{args.limit}" + ("_adaptive" if adaptive else "")
                                   + ("" if args.split == "test" else f"_{args.split}"))
