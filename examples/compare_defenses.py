@@ -1,8 +1,8 @@
 """The paper's experiment in one command: which defence keeps an OCT screening system safe?
 
     python examples/compare_defenses.py --data ../shared/data/kermany --image-size 64
-        [--epochs auto] [--fractions 0.1,1.0] [--methods standard,pgd_at,trades,ssat,ssat_trades]
-        [--eps 0.001,0.002,1/255,2/255] [--attacks pgd,apgd] [--limit 0]
+        [--epochs auto] [--fractions 0.1,1.0] [--methods standard,pgd_at,trades,ssat,ssat_paper]
+        [--seeds 0,1,2] [--split test|val] [--eps 0.001,0.002,1/255,2/255] [--attacks pgd,apgd] [--limit 0]
         [--out runs/compare_defenses] [--results docs/compare_defenses]
 
 For each method and label fraction it runs `python -m medrobust.train` (same epochs, seed, model and
@@ -10,14 +10,20 @@ training recipe for every method; the SSAT rows also fit the UAD detector) and t
 `python -m medrobust.evaluate` with the attacks over the budgets: the paper's own tiny ones (eps <= 0.003
 on [0, 1] images) beside 1/255 and 2/255. Rows with the detector are also attacked adaptively
 (classifier and detector together, worst case per image over the trade-off weights). ssat is the
-paper's form (lam * CE on FGSM adversaries of pseudo-labeled scans); ssat_trades is SSAT's robust
-self-training form (--ssat-loss trades, Carmon et al. 2019). It writes to --results: README.md (tables
-per attack, per-class sensitivity, system risk; the command, data and machine), results.json and two
-plots. Finished runs and evaluations under --out are reused, so an interrupted comparison resumes.
+train CLI's default (a standard teacher on the same labels, then SSAT's robust self-training form,
+--attack free); ssat_paper is the paper's form (--ssat-loss ce --teacher snapshot: lam * CE on FGSM
+adversaries of pseudo-labeled scans); ssat_pgd is the default recipe with PGD-10 adversaries (the form
+measured before the cheap default); ssat_trades the robust self-training form with the snapshot teacher
+and PGD-10. With --seeds every method trains and is evaluated once per seed (seed = data split, label
+subset, initialisation, attacks' random starts), and the tables give mean +- sd over the seeds first.
+--split val evaluates on the validation split (to choose a recipe without looking at test). It writes to
+--results: README.md (tables per attack, per-class sensitivity, system risk; the command, data and
+machine), results.json and two plots. Finished runs and evaluations under --out are reused, so an
+interrupted comparison resumes.
 On the phantom every figure is SYNTHETIC: it shows the code works, not how a model behaves on real OCT.
 
 Ablations use --train-option, e.g. SSAT labelling itself (the paper's variant, no snapshot teacher):
-    python examples/compare_defenses.py --methods ssat --fractions 0.1 --detector-for none \
+    python examples/compare_defenses.py --methods ssat_paper --fractions 0.1 --detector-for none \
         --train-option teacher=none --out runs/ssat_selflabel --results docs/ssat_selflabel
 """
 
@@ -29,13 +35,19 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_EPS = "0.001,0.002,1/255,2/255"
 # Rows of the table that are not train.py methods: (method, extra train options).
-VARIANTS = {"ssat_trades": ("ssat", {"ssat_loss": "trades"})}
+VARIANTS = {"ssat_paper": ("ssat", {"ssat_loss": "ce", "teacher": "snapshot"}),
+            "ssat_pgd": ("ssat", {"attack": "pgd"}),
+            "ssat_trades": ("ssat", {"ssat_loss": "trades", "teacher": "snapshot", "attack": "pgd"})}
+# Run folders under --out: the paper's form keeps the name "ssat" had when it was the default, so runs
+# of earlier comparisons are reused; the default recipe gets a name of its own.
+RUN_NAMES = {"ssat_paper": "ssat", "ssat": "ssat_rst"}
 ATTACK_TITLES = {"pgd": "PGD-20", "apgd": "APGD-CE-100", "fgsm": "FGSM", "square": "Square-1000"}
 
 
@@ -47,15 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="as the train CLI (default: its default)")
     parser.add_argument("--epochs", default="auto", help="auto (the train CLI's rule) or a number, same for every method")
     parser.add_argument("--fractions", default="0.1,1.0", help="label fractions every method trains at")
-    parser.add_argument("--methods", default="standard,pgd_at,trades,ssat",
-                        help="standard, pgd_at, trades, ssat, ssat_trades (SSAT's robust self-training form)")
-    parser.add_argument("--detector-for", default="ssat,ssat_trades",
+    parser.add_argument("--methods", default="standard,pgd_at,trades,ssat,ssat_paper",
+                        help="standard, pgd_at, trades, ssat (the train CLI's default recipe), ssat_paper "
+                             "(the paper's form), ssat_pgd, ssat_trades")
+    parser.add_argument("--detector-for", default="ssat,ssat_paper,ssat_pgd,ssat_trades",
                         help="methods that also get the UAD detector (or all, none)")
     parser.add_argument("--eps", default=DEFAULT_EPS, help="L-inf test budgets in [0, 1] scale; k/255 allowed")
     parser.add_argument("--attacks", default="pgd,apgd", help="evaluate attacks (pgd = PGD-20, apgd = APGD-CE-100)")
     parser.add_argument("--adaptive", default="true", choices=("true", "false"), help="adaptive attack on detector rows")
     parser.add_argument("--limit", type=int, default=0, help="evaluate on N test images (0 = the whole test split)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
+    parser.add_argument("--seeds", default=None, help="several seeds, e.g. 0,1,2: mean +- sd per method and fraction")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="evaluate on the test split, or on val (to choose a recipe)")
     parser.add_argument("--out", default="runs/compare_defenses", help="where the trained runs go")
     parser.add_argument("--results", default="docs/compare_defenses", help="where the table and plots go")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
@@ -72,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         with_detector = set(names) if args.detector_for == "all" else set()
     else:
         with_detector = set(cli.parse_names(args.detector_for, "detector-for", names))
+    seeds = [args.seed] if args.seeds is None else [cli.parse_int(s, "seeds") for s in args.seeds.split(",")]
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise cli.UsageError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     fractions = cli.parse_floats(args.fractions, "fractions")
     if any(not 0 < f <= 1 for f in fractions):
         raise cli.UsageError(f"--fractions must be in (0, 1], got {fractions}")
@@ -92,38 +111,42 @@ def main(argv: list[str] | None = None) -> None:
     for fraction in fractions:
         for name in methods:
             method, variant_options = VARIANTS.get(name, (name, {}))
-            if name == "ssat_trades" and fraction >= 1.0 and "ssat" in methods:
-                print(f"== {name} at label fraction 1: no unlabeled scans, the same as ssat's pool-free form; skipped")
+            if name in ("ssat_trades", "ssat_pgd") and fraction >= 1.0 and "ssat" in methods:
+                print(f"== {name} at label fraction 1: no unlabeled scans, no teacher, the same as ssat's pool-free "
+                      "form up to its attack; skipped")
                 continue
             detector = name in with_detector
-            run = Path(args.out) / f"{name}_frac{fraction:g}_ep{epochs}_seed{args.seed}"
-            print(f"== {name} at label fraction {fraction:g}" + (" + UAD" if detector else ""), flush=True)
-            metrics = train(data=args.data, method=method, label_fraction=fraction, epochs=epochs, out=str(run),
-                            detector=str(detector).lower(), seed=args.seed, progress="false",
-                            **variant_options, **extra)
-            adaptive = args.adaptive == "true" and detector
-            eval_dir = run / (f"eval_{'+'.join(attacks)}_limit{args.limit}" + ("_adaptive" if adaptive else ""))
-            report = _finished_report(eval_dir, budgets, attacks)
-            if report is None:
-                report = evaluate(str(run), attacks=",".join(attacks), eps=",".join(f"{e:.8g}" for e in budgets),
-                                  adaptive=str(adaptive).lower(), limit=args.limit or None, out=str(eval_dir),
-                                  seed=args.seed, progress="false")
-            else:
-                print(f"   evaluation already complete in {eval_dir}")
-            config = json.loads((run / "config.json").read_text())
-            rows.append(summarise(name, fraction, detector, metrics, report, attacks, config))
+            for seed in seeds:
+                run = Path(args.out) / f"{RUN_NAMES.get(name, name)}_frac{fraction:g}_ep{epochs}_seed{seed}"
+                print(f"== {name} at label fraction {fraction:g}, seed {seed}" + (" + UAD" if detector else ""),
+                      flush=True)
+                metrics = train(data=args.data, method=method, label_fraction=fraction, epochs=epochs, out=str(run),
+                                detector=str(detector).lower(), seed=seed, progress="false",
+                                **{**variant_options, **extra})  # a --train-option overrides the row's own
+                adaptive = args.adaptive == "true" and detector
+                eval_dir = run / (f"eval_{'+'.join(attacks)}_limit{args.limit}" + ("_adaptive" if adaptive else "")
+                                  + ("" if args.split == "test" else f"_{args.split}"))
+                report = _finished_report(eval_dir, budgets, attacks)
+                if report is None:
+                    report = evaluate(str(run), split=args.split, attacks=",".join(attacks),
+                                      eps=",".join(f"{e:.8g}" for e in budgets), adaptive=str(adaptive).lower(),
+                                      limit=args.limit or None, out=str(eval_dir), seed=seed, progress="false")
+                else:
+                    print(f"   evaluation already complete in {eval_dir}")
+                config = json.loads((run / "config.json").read_text())
+                rows.append({**summarise(name, fraction, detector, metrics, report, attacks, config), "seed": seed})
 
     results = {
         "command": "python " + " ".join([sys.argv[0] if argv is None else "examples/compare_defenses.py",
                                          *(sys.argv[1:] if argv is None else argv)]),
         "data_source": report["data_source"], "synthetic_data": report["synthetic_data"],
-        "n_test_images": report["n_images"], "epochs": epochs, "seed": args.seed,
+        "n_test_images": report["n_images"], "split": args.split, "epochs": epochs, "seed": seeds[0], "seeds": seeds,
         "attacks": attacks, "eps": list(budgets), "train_options": extra, "machine": machine(),
         "load_average": {"start": [round(v, 1) for v in load_before], "end": [round(v, 1) for v in os.getloadavg()]},
-        "date": datetime.date.today().isoformat(), "rows": rows,
+        "date": datetime.date.today().isoformat(), "rows": rows, "summary": summary_rows(rows),
         # Wall time of this invocation (small when every run was reused) and the measured work behind the table.
         "minutes_this_invocation": round((time.time() - started) / 60, 1),
-        "compute_minutes": round(sum(r["train_seconds"] or 0 for r in rows) / 60
+        "compute_minutes": round(sum((r["train_seconds"] or 0) + (r["teacher_train_seconds"] or 0) for r in rows) / 60
                                  + sum(r["detector_fit_seconds"] or 0 for r in rows) / 60
                                  + sum(r["evaluate_seconds"] or 0 for r in rows) / 60, 1),
     }
@@ -165,6 +188,9 @@ def summarise(name: str, fraction: float, detector: bool, metrics: dict, report:
            "sensitivity": {c: v["sensitivity"] for c, v in report["per_class"].items()},
            "urgent_referral": report.get("urgent_referral"), "train_seconds": metrics.get("train_seconds_last_session"),
            "detector_fit_seconds": metrics.get("detector_fit_seconds"), "evaluate_seconds": report.get("seconds"),
+           # --teacher standard: the teacher run's training (OUT/teacher) is part of the method's cost.
+           "teacher_train_seconds": ((config.get("teacher_run") or {}).get("metrics") or {}).get(
+               "train_seconds_last_session"),
            "attacks": {}}
     keys = ["robust_accuracy", "robust_sensitivity", "classifier_only_risk"]
     if detector:
@@ -195,6 +221,89 @@ def summarise(name: str, fraction: float, detector: bool, metrics: dict, report:
         row["adaptive_system_risk"] = strongest("adaptive_system_risk", max)
         row["detection_auroc"] = strongest("detection_auroc", min)
     return row
+
+
+SUMMARY_KEYS = ("robust_accuracy", "classifier_only_risk", "system_risk", "adaptive_system_risk", "detection_auroc")
+
+
+def mean_sd(values) -> dict | None:
+    """{mean, sd (sample, 0 for one value), n} of the values that are not None; None if there are none."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Per method and label fraction, mean +- sd over its seeds' rows: clean accuracy, per-class sensitivity
+    (clean, and under the strongest attack at the largest budget), the strongest attack's robust accuracy
+    and risks at each budget, clean false referrals, training seconds."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["label_fraction"]), []).append(r)
+    out = []
+    for (method, fraction), group in groups.items():
+        first = group[0]
+        top = list(first["robust_accuracy"])[-1]
+        attacks = list(first["attacks"])
+
+        def under_attack(r, c):
+            got = [(r["attacks"][a]["robust_sensitivity"][top] or {}).get(c) for a in attacks]
+            got = [v for v in got if v is not None]
+            return min(got) if got else None
+
+        summary = {"method": method, "label_fraction": fraction, "seeds": [r.get("seed") for r in group],
+                   "clean_accuracy": mean_sd(r["clean_accuracy"] for r in group),
+                   "sensitivity": {c: mean_sd(r["sensitivity"][c] for r in group) for c in first["sensitivity"]},
+                   "robust_sensitivity_top": {c: mean_sd(under_attack(r, c) for r in group)
+                                              for c in first["sensitivity"]},
+                   "train_seconds": mean_sd((r["train_seconds"] or 0) + (r.get("teacher_train_seconds") or 0)
+                                            for r in group)}
+        for key in SUMMARY_KEYS:
+            if key in first:
+                summary[key] = {k: mean_sd(r[key][k] for r in group) for k in first[key]}
+        if "clean_false_referral_rate" in first:
+            summary["clean_false_referral_rate"] = mean_sd(r["clean_false_referral_rate"] for r in group)
+        out.append(summary)
+    return out
+
+
+def _pm(stat, digits: int = 3) -> str:
+    return "–" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def summary_markdown(results: dict) -> list[str]:
+    """The mean +- sd tables (only when there is more than one seed)."""
+    summary = results["summary"]
+    keys = list(summary[0]["robust_accuracy"])
+    top = keys[-1]
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    lines = [f"## Mean ± sd over seeds {seeds} (strongest attack)", "",
+             f"Each row: {len(results['seeds'])} runs that differ in seed (labeled subset, initialisation, shuffling, "
+             "attack starts); sd is the sample standard deviation over the runs.", "",
+             "| method | labels | clean | " + " | ".join(_eps_label(k) for k in keys) + " | "
+             + " | ".join(f"adaptive risk {_eps_label(k)}" for k in keys) + " | train s |",
+             "|---|---:|---:|" + "---:|" * (2 * len(keys)) + "---:|"]
+    for s in summary:
+        risk = s.get("adaptive_system_risk") or {}
+        lines.append(f"| {s['method']} | {s['label_fraction']:g} | {_pm(s['clean_accuracy'])} | "
+                     + " | ".join(_pm(s["robust_accuracy"][k]) for k in keys) + " | "
+                     + " | ".join(_pm(risk.get(k)) for k in keys) + f" | {_pm(s['train_seconds'], 0)} |")
+    classes = list(summary[0]["sensitivity"])
+    lines += ["", f"### Per-class sensitivity, mean ± sd (clean; under the strongest attack at {_eps_label(top)})", "",
+              "| method | labels | " + " | ".join(f"{c} clean" for c in classes) + " | "
+              + " | ".join(f"{c} attacked" for c in classes) + " |",
+              "|---|---:|" + "---:|" * (2 * len(classes))]
+    for s in summary:
+        lines.append(f"| {s['method']} | {s['label_fraction']:g} | "
+                     + " | ".join(_pm(s["sensitivity"][c]) for c in classes) + " | "
+                     + " | ".join(_pm(s["robust_sensitivity_top"][c]) for c in classes) + " |")
+    return lines + ["", "## Per seed", ""]
+
+
+def _label(r: dict, results: dict) -> str:
+    return r["method"] + (f" (seed {r['seed']})" if len(results.get("seeds") or [0]) > 1 else "")
 
 
 def machine() -> dict:
@@ -240,25 +349,28 @@ def markdown(results: dict, plots: list[str]) -> str:
         "",
         f"- **Command:** `{results['command']}` ({results['compute_minutes']} min of training and evaluation on "
         "this machine)",
-        f"- **Data:** {kind}; {results['n_test_images']} test images.",
+        f"- **Data:** {kind}; {results['n_test_images']} {results.get('split', 'test')} images"
+        + (" (validation split: for choosing, not for reporting)" if results.get("split") == "val" else "") + ".",
         f"- **Machine:** {m['cpu']}, {m['cores']} cores, no GPU; TensorFlow {m['tensorflow']}, Keras {m['keras']}, "
         f"Python {m['python']}; {results['date']}"
         + (f"; load average {load['start'][0]} at the start, {load['end'][0]} at the end" if load else "") + ".",
         f"- **Training:** {', '.join(epochs)} epochs for every method (`--epochs {results['epochs']}`; equal optimizer "
-        f"steps), {', '.join(archs)}, the train CLI's recipe, seed {results['seed']}"
+        f"steps), {', '.join(archs)}, the train CLI's recipe, seed{'s' if len(results.get('seeds') or [0]) > 1 else ''} "
+        f"{', '.join(str(x) for x in results.get('seeds') or [results['seed']])}"
         + (f", options {results['train_options']}" if results["train_options"] else "") + ".",
         f"- **Attacks:** {', '.join(_attack_title(a) for a in attacks)}, L∞ with random start. ε is in [0, 1] pixel "
         "scale: the paper's own budgets (≤ 0.003) and then 1/255, 2/255. *Strongest* = the lowest robust accuracy "
         "(highest risk) of the single attacks at each ε.",
         "- **train s** is wall time on this machine, often with other jobs running: compare it loosely.",
         "",
+        *(summary_markdown(results) if len(results.get("seeds") or [0]) > 1 else []),
         "## Robust accuracy (strongest attack)",
         "",
         "| method | labels | clean | " + " | ".join(_eps_label(k) for k in keys) + " | train s |",
         "|---|---:|---:|" + "---:|" * len(keys) + "---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['label_fraction']:g} | {r['clean_accuracy']:.3f} | "
+        lines.append(f"| {_label(r, results)} | {r['label_fraction']:g} | {r['clean_accuracy']:.3f} | "
                      + " | ".join(_cell(r["robust_accuracy"][k]) for k in keys) + f" | {r['train_seconds'] or '–'} |")
     if len(attacks) > 1:
         for attack in attacks:
@@ -266,7 +378,7 @@ def markdown(results: dict, plots: list[str]) -> str:
                       "| method | labels | " + " | ".join(_eps_label(k) for k in keys) + " |",
                       "|---|---:|" + "---:|" * len(keys)]
             for r in rows:
-                lines.append(f"| {r['method']} | {r['label_fraction']:g} | "
+                lines.append(f"| {_label(r, results)} | {r['label_fraction']:g} | "
                              + " | ".join(_cell(r["attacks"][attack]["robust_accuracy"][k]) for k in keys) + " |")
     classes = list(rows[0]["sensitivity"])
     top = keys[-1]
@@ -278,7 +390,7 @@ def markdown(results: dict, plots: list[str]) -> str:
               "|---|---:|" + "---:|" * (len(classes) * (1 + len(attacks)))]
     for r in rows:
         under = [r["attacks"][a]["robust_sensitivity"][top] or {} for a in attacks]
-        lines.append(f"| {r['method']} | {r['label_fraction']:g} | "
+        lines.append(f"| {_label(r, results)} | {r['label_fraction']:g} | "
                      + " | ".join(_cell(r["sensitivity"][c]) for c in classes) + " | "
                      + " | ".join(_cell(u.get(c)) for u in under for c in classes) + " |")
     detector_rows = [r for r in rows if "system_risk" in r]
@@ -299,7 +411,7 @@ def markdown(results: dict, plots: list[str]) -> str:
                 per = r["attacks"][attack]
                 for name, key in (("classifier only", "classifier_only_risk"), ("with UAD", "system_risk"),
                                   ("with UAD, adaptive", "adaptive_system_risk"), ("detection AUROC", "detection_auroc")):
-                    lines.append(f"| {r['method']} | {r['label_fraction']:g} | {r['clean_false_referral_rate']:.3f} | "
+                    lines.append(f"| {_label(r, results)} | {r['label_fraction']:g} | {r['clean_false_referral_rate']:.3f} | "
                                  f"{_attack_title(attack)} | {name} | " + " | ".join(_cell(per[key][k]) for k in keys) + " |")
     lines += ["", *[f"![{p}]({p})" for p in plots]]
     if results["synthetic_data"]:
@@ -311,6 +423,19 @@ def markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_rows(results: dict) -> list[dict]:
+    """The per-seed rows, or with several seeds the means (method, fraction, clean and per-budget values)."""
+    if len(results.get("seeds") or [0]) <= 1:
+        return results["rows"]
+
+    def means(stats):
+        return {k: None if v is None else v["mean"] for k, v in stats.items()}
+
+    return [{"method": s["method"] + " (mean)", "label_fraction": s["label_fraction"],
+             "clean_accuracy": s["clean_accuracy"]["mean"],
+             **{key: means(s[key]) for key in SUMMARY_KEYS if key in s}} for s in results["summary"]]
+
+
 def write_plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -320,11 +445,12 @@ def write_plots(results: dict, out: Path) -> list[str]:
     from medrobust.evaluation.plots import _save
 
     tag = "SYNTHETIC OCT phantom" if results["synthetic_data"] else results["data_source"]
-    fractions = sorted({r["label_fraction"] for r in results["rows"]})
+    rows = _plot_rows(results)
+    fractions = sorted({r["label_fraction"] for r in rows})
     written = []
     fig, axes = plt.subplots(1, len(fractions), figsize=(5.5 * len(fractions), 4.2), squeeze=False, sharey=True)
     for ax, fraction in zip(axes[0], fractions):
-        for r in (r for r in results["rows"] if r["label_fraction"] == fraction):
+        for r in (r for r in rows if r["label_fraction"] == fraction):
             eps = [float(k) for k in r["robust_accuracy"]]
             ax.plot([0.0005, *eps], [r["clean_accuracy"], *r["robust_accuracy"].values()], marker="o", label=r["method"])
         ax.set(xscale="log", xlabel="ε (L∞, [0,1] scale; first point = clean)", ylabel="accuracy (strongest attack)",
@@ -332,7 +458,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
         ax.legend(fontsize=8)
     written.append(_save(fig, out / "robust_accuracy.png"))
 
-    detector_rows = [r for r in results["rows"] if "system_risk" in r]
+    detector_rows = [r for r in rows if "system_risk" in r]
     if detector_rows:
         fig, axes = plt.subplots(1, len(detector_rows), figsize=(5.5 * len(detector_rows), 4.2), squeeze=False, sharey=True)
         for ax, r in zip(axes[0], detector_rows):

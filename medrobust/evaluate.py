@@ -17,7 +17,7 @@ from medrobust.io import atomic_write_json, atomic_write_text, read_json
 
 DEFAULT_EPS = "0.001,0.002,0.004,0.008"
 DEFAULT_ATTACKS = "fgsm,pgd,apgd,cw,square,fmn"
-SPLITS = ("test", "all")
+SPLITS = ("test", "val", "all")
 RUN_CONFIG_KEYS = ("method", "epochs", "epochs_resolved", "label_fraction", "arch", "width", "image_size", "seed",
                    "data_source", "eps", "lam", "augmentation", "class_weights")
 
@@ -32,8 +32,10 @@ def evaluate(run: str, data: str | None = None, split: str = "test", attacks=DEF
       run: a folder written by python -m medrobust.train.
       data: the images to evaluate on (default: the data the run was trained on, as recorded in its
         config.json; another source is named in a warning).
-      split: test (the data's test split) | all (every image of a folder of class folders, e.g. scans
-        from another site; refused for the run's own training data).
+      split: test (the data's test split) | val (its validation split: for choosing a recipe without
+        looking at test; the detector's threshold was set on these images, so its false-referral rate
+        there is not an estimate) | all (every image of a folder of class folders, e.g. scans from
+        another site; refused for the run's own training data).
       attacks: any of fgsm, pgd, apgd, cw, square, fmn (comma-separated). cw is reported under L2.
       eps: L-inf budgets in [0, 1] pixel scale (0.002 ~ 0.5/255).
       eps_l2: L2 budgets of the L2 attacks (cw); auto = each L-inf budget times sqrt(pixels), the L2
@@ -118,8 +120,8 @@ def _load_images(config: dict, data: str | None, split: str, image_size: int, pr
     from medrobust.data import load_run_data
 
     dataset = load_run_data(config, data)  # default: the run's own data; other data is named in a warning
-    x, y = dataset["test"]
-    info = {"source": dataset.source, "split": "test", "whole_folder": False, "synthetic": dataset.synthetic,
+    x, y = dataset[split]
+    info = {"source": dataset.source, "split": split, "whole_folder": False, "synthetic": dataset.synthetic,
             "skipped": [list(s) for s in dataset.skipped], "describe": dataset.describe()}
     return x, y, info
 

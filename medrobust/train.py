@@ -1,12 +1,14 @@
 """python -m medrobust.train: train a classifier (standard, SSAT, PGD-AT, TRADES) and the UAD detector.
 
 Writes to --out: classifier.keras, detector/ (unless --detector false), config.json, metrics.json and
-training_log.csv. Rerunning the same command after an interruption resumes from the last finished
+training_log.csv; --method ssat with its default --teacher standard also teacher/ (the standard run whose
+pseudo-labels it learns from, a run folder of its own, reused when its options match). Rerunning the same command after an interruption resumes from the last finished
 epoch (Keras BackupAndRestore); rerunning a finished run does nothing unless --overwrite true.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -17,8 +19,20 @@ from medrobust import cli
 from medrobust.io import atomic_save_model, atomic_write_json, package_versions, read_json
 
 METHODS = ("ssat", "standard", "pgd_at", "trades", "mart")
-ATTACKS = ("fgsm", "pgd")
-SSAT_LOSSES = ("ce", "trades")
+ATTACKS = ("fgsm", "pgd", "free")
+SSAT_LOSSES = ("auto", "ce", "trades")
+TEACHERS = ("auto", "standard", "snapshot", "none")  # or the path of a classifier.keras
+# --method ssat's defaults (the recipe that met the safety targets on real scans, README "Which defence"):
+# robust self-training (--ssat-loss trades) with pseudo-labels from a standard model trained first on the
+# same labels (--teacher standard, into OUT/teacher), its adversaries from the update's own backward pass
+# (--attack free: the only form under 5x a standard step, benchmarks/ssat_step.py; --attack pgd is the
+# PGD-10 form measured in the README). --ssat-loss ce --teacher snapshot is the paper's form.
+SSAT_DEFAULTS = {"ssat_loss": "trades", "teacher": "standard"}
+RST_ATTACK = "free"  # --attack when --ssat-loss trades and none is given
+# Other methods ignore these; their config.json keeps the values recorded before the SSAT defaults
+# changed, so reruns of earlier standard/PGD-AT/TRADES runs still resume.
+OTHER_DEFAULTS = {"ssat_loss": "ce", "teacher": "snapshot"}
+TEACHER_FOLDER = "teacher"  # OUT/teacher: the --teacher standard run (a normal run folder, the run's own)
 STRATEGIES = ("none", "mirrored", "multiworker")
 LR_SCHEDULES = ("cosine", "constant")
 ARCHS = ("auto", "small_cnn", "strided_cnn", "mobilenet_v3_small", "resnet18")  # medrobust.models.ARCHITECTURES
@@ -42,14 +56,15 @@ RUN_FOLDER_FILES = {"detector": ("autoencoder.keras", "detector.json", "stats.np
                                "training_metadata.json.bkp")}
 
 
-def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, epochs: str = "auto",
+def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, unlabeled: str | None = None,
+          epochs: str = "auto",
           image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float | None = None,
-          attack: str | None = None, ssat_loss: str = "ce", detector="true", seed: int = 0, arch: str = "auto",
+          attack: str | None = None, ssat_loss: str = "auto", detector="true", seed: int = 0, arch: str = "auto",
           width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
-          teacher: str | None = "snapshot", pretrain_epochs: float = 3.0, strategy: str = "none",
+          teacher: str | None = "auto", pretrain_epochs: float = 3.0, strategy: str = "none",
           detector_epochs: int = 10, target_fpr: float = 0.05, detector_parts: str = "default", augment: str = "auto", class_weight: str = "balanced",
           sampling: str = "natural", referral_sensitivity: float = 0.95,
           weights: str | None = None, overwrite="false", tensorboard="false", progress="true") -> dict:
@@ -60,9 +75,18 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         or downloadable (MD5-checked), else the SYNTHETIC phantom with a warning. The data actually used
         is recorded in config.json; evaluate and export use it by default.
       method: ssat | standard | pgd_at | trades | mart (Wang et al. 2020: boosted CE on PGD adversaries +
-        beta * KL weighted by the clean misclassification, see medrobust/training/supervised.py).
+        beta * KL weighted by the clean misclassification, medrobust/training/supervised.py). ssat by default trains the recipe that met the safety
+        targets on real scans in one command: a standard teacher on the same labeled subset (into
+        OUT/teacher, reused when its options match), then SSAT's robust self-training form with that
+        teacher's pseudo-labels, then the UAD detector.
       label_fraction: share of training labels used (stratified), in (0, 1]; SSAT uses the rest as
         unlabeled data.
+      unlabeled: (--method ssat) a pool of scans that were never labeled, added to SSAT's unlabeled
+        stream: a folder of image files (recursively, any names; a class-folder tree's labels are
+        ignored) or an OCTMNIST-style .npz (its train images). Read with the data loaders at
+        --image-size; files that fail to load are skipped and named. Refused if it shares a patient
+        (Kermany file names) or an identical image with the val or test split. config.json records its
+        path, count and skipped files.
       epochs: training epochs (one epoch = ceil(n_train / batch_size) steps for every method), or auto,
         which means at least 10 epochs and at least 1,000 optimizer steps (59 epochs on kermany/train at
         batch 64, where 15 epochs underfit with augmentation; 16 on the phantom).
@@ -70,11 +94,14 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       out: run folder to write (classifier.keras, detector/, config.json, metrics.json, training_log.csv).
       eps: SSAT's (--ssat-loss ce) per-sample budget range "min,max" in [0, 1] pixel scale (one value = fixed).
       lam: weight of SSAT's unlabeled-batch loss (>= 0; default 3 for --ssat-loss ce, 1 for trades).
-      attack: fgsm | pgd, how SSAT crafts its adversaries (pgd uses --pgd-steps); default fgsm for
-        --ssat-loss ce, pgd for trades.
-      ssat_loss: ce (the paper: lam * CE on adversaries of pseudo-labeled unlabeled scans) | trades
-        (robust self-training, Carmon et al. 2019: TRADES on labeled and pseudo-labeled scans, with
-        --train-eps, --pgd-steps and --beta as TRADES); see medrobust/training/ssat.py.
+      attack: fgsm | pgd | free, how SSAT crafts its adversaries (pgd uses --pgd-steps); default fgsm for
+        --ssat-loss ce, free for trades: one signed step along the clean loss's input gradient, taken
+        from the update's own backward pass (4.3-5.5x a standard step at 64 px; pgd: 10-22x; see
+        medrobust/training/ssat.py and benchmarks/ssat_step.py).
+      ssat_loss: auto (trades for --method ssat) | ce (the paper: lam * CE on adversaries of pseudo-labeled
+        unlabeled scans; --ssat-loss ce --teacher snapshot is the paper's form) | trades (robust
+        self-training, Carmon et al. 2019: TRADES on labeled and pseudo-labeled scans, with --train-eps,
+        --pgd-steps and --beta as TRADES); see medrobust/training/ssat.py.
       detector: true | false: also fit the UAD detector on clean training images (no labels).
       seed: random seed (data split, label subset, initialisation, shuffling).
       width: channels of the first convolution (default: 32 for small_cnn, 16 for resnet18).
@@ -87,9 +114,12 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       train_eps: the budget of PGD-AT, TRADES, MART and SSAT --ssat-loss trades adversaries ([0, 1] pixel scale).
       beta: TRADES, MART (and SSAT --ssat-loss trades) trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
-      teacher: where SSAT's pseudo-labels come from: snapshot (a frozen copy of the model taken after
-        --pretrain-epochs of labeled-only training), none (the current model; unstable, see
-        medrobust/training/ssat.py) or the path of a frozen classifier.keras.
+      teacher: where SSAT's pseudo-labels come from: auto (= standard) | standard (a standard model trained
+        first by this command on the same data, labeled subset, seed, image size, architecture,
+        augmentation and class weights, without detector, into OUT/teacher; reused when its options
+        match; config.json records its path, options and metrics) | snapshot (a frozen copy of the model
+        taken after --pretrain-epochs of labeled-only training) | none (the current model; unstable, see
+        medrobust/training/ssat.py) | the path of a frozen classifier.keras.
       pretrain_epochs: SSAT's labeled-only epochs before its adversarial loss switches on (at most half
         of --epochs).
       strategy: none | mirrored | multiworker (tf.distribute).
@@ -111,14 +141,25 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       weights: initial weights: a classifier .keras / .weights.h5 of the same architecture and size, or
         for mobilenet_v3_small a keras.applications no-top backbone .h5 file.
       overwrite: true | false: train again into a folder that holds a run (only that run's own files are
-        removed; other files stay).
+        removed, with its OUT/teacher run; other files stay).
       tensorboard: true | false: also write TensorBoard logs to OUT/tensorboard.
       progress: true | false: print per-epoch progress.
     """
     options = dict(locals())
+    method = _choice(method, METHODS, "method")
+    defaults = SSAT_DEFAULTS if method == "ssat" else OTHER_DEFAULTS
+    ssat_loss = _choice(ssat_loss, SSAT_LOSSES, "ssat-loss")
+    ssat_loss = defaults["ssat_loss"] if ssat_loss == "auto" else ssat_loss
+    if teacher is not None and str(teacher).strip().lower() in TEACHERS:
+        teacher = str(teacher).strip().lower()
+        teacher = defaults["teacher"] if teacher == "auto" else teacher
+    attack = None if attack is None else _choice(attack, ATTACKS, "attack")
+    if method == "ssat" and attack is None and ssat_loss == "trades":
+        attack = RST_ATTACK
+    if method == "ssat" and attack == "free" and ssat_loss != "trades":
+        raise cli.UsageError("--attack free needs --ssat-loss trades")
     options.update(
-        method=_choice(method, METHODS, "method"), ssat_loss=_choice(ssat_loss, SSAT_LOSSES, "ssat-loss"),
-        attack=None if attack is None else _choice(attack, ATTACKS, "attack"),
+        method=method, ssat_loss=ssat_loss, teacher=teacher, attack=attack,
         strategy=_choice(strategy, STRATEGIES, "strategy"), arch=_choice(arch, ARCHS, "arch"),
         eps=cli.parse_floats(eps, "eps"),
         detector_parts=("default" if str(detector_parts).strip().lower() == "default"
@@ -130,6 +171,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         class_weight=_choice(class_weight, CLASS_WEIGHTS, "class-weight"),
         sampling=_choice(sampling, SAMPLINGS, "sampling"),
         weights=None if weights is None else str(Path(str(weights)).expanduser()),
+        unlabeled=None if unlabeled is None else str(Path(str(unlabeled)).expanduser()),
     )
     if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
         options["arch"] = "strided_cnn" if int(image_size) >= STRIDED_FROM else "small_cnn"
@@ -145,18 +187,105 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     if options["weights"] is not None and not Path(options["weights"]).is_file():
         raise cli.UsageError(f"--weights {weights}: no such file")
     _check_teacher(options)
-    out_dir = Path(options["out"])
-    if _already_done(out_dir, options):
-        print(f"{out_dir}: this run is already complete (metrics.json); pass --overwrite true to train again")
-        return read_json(out_dir / "metrics.json")
-    return _train(options, out_dir)
+    with _data_loaded_once():
+        pool = _unlabeled_pool(options)  # before any work: a pool that leaks val or test scans is refused
+        out_dir = Path(options["out"])
+        if _already_done(out_dir, options):
+            print(f"{out_dir}: this run is already complete (metrics.json); pass --overwrite true to train again")
+            return read_json(out_dir / "metrics.json")
+        if options["method"] == "ssat" and options["teacher"] == "standard":
+            # Every label used and no --unlabeled pool: no scan to pseudo-label, no teacher to train.
+            needed = options["label_fraction"] < 1 or pool is not None
+            options["teacher_run"] = _standard_teacher(options, out_dir) if needed else None
+        return _train(options, out_dir, pool)
 
 
-def _train(o: dict, out_dir: Path) -> dict:
+# Within one train() call (with its --teacher standard run) each dataset is read once.
+_LOADED = {"depth": 0, "data": {}}
+
+
+@contextlib.contextmanager
+def _data_loaded_once():
+    _LOADED["depth"] += 1
+    try:
+        yield
+    finally:
+        _LOADED["depth"] -= 1
+        if _LOADED["depth"] == 0:
+            _LOADED["data"].clear()
+
+
+def _load_data(o: dict):
     from medrobust.data import load_data
 
+    key = (o["data"], int(o["image_size"]), int(o["seed"]))
+    if key not in _LOADED["data"]:
+        _LOADED["data"][key] = load_data(o["data"], image_size=o["image_size"], seed=o["seed"])
+    return _LOADED["data"][key]
+
+
+def _unlabeled_pool(o: dict):
+    """--unlabeled: the pool (medrobust.data.unlabeled), checked against the data's val and test splits."""
+    if o["unlabeled"] is None:
+        return None
+    if o["method"] != "ssat":
+        raise cli.UsageError(f"--unlabeled is for --method ssat (the only method that uses unlabeled scans), "
+                             f"not {o['method']}")
+    if not Path(o["unlabeled"]).exists():
+        raise cli.UsageError(f"--unlabeled {o['unlabeled']}: no such file or folder")
+    from medrobust.data.unlabeled import leaks, load_unlabeled
+
+    data = _load_data(o)
+    pool = load_unlabeled(o["unlabeled"], o["image_size"], progress=o["progress"])
+    for file, reason in pool.skipped:
+        warnings.warn(f"--unlabeled: skipped {file}: {reason}", stacklevel=3)
+    found = leaks(pool, data)
+    if found:
+        what = "; ".join(f"{split}: {len(v['images'])} images" + (f" of {len(v['patients'])} patients "
+                                                                 f"(e.g. {', '.join(v['patients'][:3])})"
+                                                                 if v["patients"] else "")
+                         + f", e.g. {v['images'][0]}" for split, v in found.items())
+        raise cli.UsageError(f"--unlabeled {o['unlabeled']} shares scans with {data.source}'s {what}; "
+                             "training on them would leak into the evaluation: remove them or use another pool")
+    if not data.patients or all(p is None for p in pool.patients):
+        unnamed = data.source if not data.patients else f"the pool {pool.source}"
+        warnings.warn(f"--unlabeled: {unnamed} names no patients, so only identical images were checked against "
+                      "the val and test splits, not other scans of their patients (OCTMNIST, for one, was made "
+                      "from the Kermany OCT2017 scans)", stacklevel=3)
+    print(f"unlabeled pool: {len(pool)} scans from {pool.source}"
+          + (f" ({len(pool.skipped)} skipped)" if pool.skipped else ""))
+    return pool
+
+
+def teacher_options(o: dict) -> dict:
+    """The train() options of --teacher standard's run: a standard model on the same data, labeled
+    subset (data, seed, label fraction), image size, architecture, initial weights, augmentation, class
+    weights, epochs and optimiser as the SSAT run, without detector, in OUT/teacher."""
+    same = ("data", "label_fraction", "epochs", "image_size", "seed", "arch", "width", "batch_size", "lr",
+            "lr_schedule", "strategy", "augment", "class_weight", "sampling", "weights", "overwrite", "tensorboard",
+            "progress")
+    return {**{k: o[k] for k in same}, "method": "standard", "detector": "false",
+            "out": str(Path(o["out"]) / TEACHER_FOLDER)}
+
+
+def _standard_teacher(o: dict, out_dir: Path) -> dict:
+    """Train (or reuse, when its options match) the --teacher standard run; {path, config, metrics}."""
+    kwargs = teacher_options(o)
+    kwargs.update({k: str(kwargs[k]).lower() for k in ("overwrite", "tensorboard", "progress")})
+    folder = Path(kwargs["out"])
+    print(f"teacher: a standard model on the same labels, in {folder}")
+    metrics = train(**kwargs)
+    config = read_json(folder / "config.json")
+    keep = ("method", "data_source", "label_fraction", "seed", "n_labeled", "image_size", "arch", "width",
+            "epochs_resolved", "augmentation", "class_weights")
+    return {"path": str(folder / "classifier.keras"), "config": {k: config.get(k) for k in keep},
+            "metrics": {k: metrics.get(k) for k in ("clean_accuracy", "val_accuracy", "val_sensitivity",
+                                                     "test_sensitivity", "train_seconds_last_session")}}
+
+
+def _train(o: dict, out_dir: Path, pool=None) -> dict:
     # Data first: a bad dataset fails in a second, before TensorFlow loads.
-    data = load_data(o["data"], image_size=o["image_size"], seed=o["seed"])
+    data = _load_data(o)
     resumed = _run_config(out_dir)
     if resumed is not None and resumed.get("data_source") not in (None, data.source):
         again = resumed.get("data_resolved") or resumed["data_source"]
@@ -175,8 +304,12 @@ def _train(o: dict, out_dir: Path) -> dict:
     print(f"data: {data.describe()}")
     x_train, y_train = data["train"]
     labeled, unlabeled = labeled_unlabeled_split(y_train, o["label_fraction"], o["seed"])
-    semi = o["method"] == "ssat" and len(unlabeled) > 0
-    print(f"labels: {len(labeled)} labeled, {len(unlabeled)} unlabeled (fraction {o['label_fraction']})")
+    x_unlabeled = x_train[unlabeled]
+    if pool is not None:
+        x_unlabeled = np.concatenate([x_unlabeled, pool.x])
+    semi = o["method"] == "ssat" and len(x_unlabeled) > 0
+    print(f"labels: {len(labeled)} labeled, {len(unlabeled)} unlabeled (fraction {o['label_fraction']})"
+          + (f" + {len(pool)} unlabeled from --unlabeled" if pool is not None else ""))
     recipe = training_recipe(o, data, y_train[labeled])
     print(f"recipe: augmentation {recipe['augmentation'] or 'off'}; class weights {recipe['class_weights'] or 'none'}")
 
@@ -188,18 +321,20 @@ def _train(o: dict, out_dir: Path) -> dict:
     if config_epochs == "auto":
         print(f"epochs: auto -> {o['epochs']} ({steps} steps per epoch)")
     train_ds = train_dataset(x_train[labeled], y_train[labeled], o["batch_size"], o["seed"],
-                             x_unlabeled=x_train[unlabeled] if semi else None,
+                             x_unlabeled=x_unlabeled if semi else None,
                              unlabeled_batch_size=o["unlabeled_batch_size"] or o["batch_size"],
                              augment=recipe["augmentation"], sampling=o["sampling"])
     strategy = make_strategy(o["strategy"])
     with strategy.scope():
         classifier = build_classifier(o["arch"], o["image_size"], o["width"], weights=o["weights"])
-        options = {**trainer_options(o, load_classifier, steps), "class_weights": recipe["class_weights"]}
+        teacher_given = {"teacher": o["teacher_run"]["path"]} if o.get("teacher_run") else {}
+        options = {**trainer_options({**o, **teacher_given}, load_classifier, steps),
+                   "class_weights": recipe["class_weights"]}
         trainer = make_trainer(o["method"], classifier, **options)
         if o["method"] == "ssat":
             print(f"ssat ({o['ssat_loss']}, {trainer.attack}): {options['pretrain_steps']} labeled-only steps, "
                   f"then lam {trainer.lam} with pseudo-labels "
-                  f"from {o['teacher'] if options['teacher'] is not None else 'the current model'}")
+                  f"from {_teacher_name(o) if options['teacher'] is not None else 'the current model'}")
         trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(o, steps)))
         # BackupAndRestore needs built weights and optimizer slots to restore into.
         trainer(np.zeros((1, o["image_size"], o["image_size"], 1), np.float32))
@@ -209,7 +344,10 @@ def _train(o: dict, out_dir: Path) -> dict:
     config = {**{k: v for k, v in o.items() if k not in NOT_PART_OF_RUN}, "epochs": config_epochs,
               "epochs_resolved": o["epochs"], "data_source": data.source,
               "data_resolved": data.argument, "synthetic_data": data.synthetic, "n_labeled": int(len(labeled)),
-              "n_unlabeled": int(len(unlabeled)), "split_sizes": {s: int(len(data[s][1])) for s in data.splits},
+              "n_unlabeled": int(len(unlabeled)),
+              "unlabeled_pool": None if pool is None else {"path": o["unlabeled"], "source": pool.source,
+                                                           "count": len(pool), "skipped": pool.skipped},
+              "split_sizes": {s: int(len(data[s][1])) for s in data.splits},
               "split_patients": data.patient_counts(), **recipe, "versions": package_versions(),
               "command": cli.command_line()}
     atomic_write_json(out_dir / "config.json", config)
@@ -253,6 +391,11 @@ def _train(o: dict, out_dir: Path) -> dict:
     atomic_write_json(out_dir / "metrics.json", metrics)
     print(f"wrote {out_dir}")
     return metrics
+
+
+def _teacher_name(o: dict) -> str:
+    run = o.get("teacher_run")
+    return f"the standard teacher {run['path']}" if run else str(o["teacher"])
 
 
 def _fmt(value) -> str:
@@ -309,7 +452,7 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
         eps = o["eps"] if len(o["eps"]) == 2 else (o["eps"][0], o["eps"][0])
         trades = o.get("ssat_loss", "ce") == "trades"  # RST: TRADES' budget, steps and beta
         teacher = o.get("teacher")
-        if teacher is None or str(teacher).lower() == "none":
+        if teacher is None or str(teacher).lower() in ("none", "standard"):  # standard: no run, no unlabeled data
             teacher = None
         elif teacher != "snapshot":
             teacher = load_classifier(teacher)
@@ -368,7 +511,7 @@ def _already_done(out_dir: Path, options: dict) -> bool:
         raise cli.UsageError(f"--out {out_dir} is a file, not a folder")
     old = _run_config(out_dir)
     if old is None:
-        if any(not _is_our_temporary(p.name) for p in out_dir.iterdir()):
+        if any(not _is_our_temporary(p.name) and not _is_teacher_folder(p) for p in out_dir.iterdir()):
             raise cli.UsageError(f"--out {out_dir} is not empty and holds no medrobust run (no config.json "
                                  "written by medrobust.train); choose a new or empty folder")
         return False
@@ -381,7 +524,8 @@ def _already_done(out_dir: Path, options: dict) -> bool:
         if changed:
             print(f"{out_dir}: the run there stopped before finishing an epoch, so its options do not hold; "
                   f"starting again with these ({', '.join(changed)} changed)")
-        _remove_run_files(out_dir, "")
+        # Its teacher run is reused if it was trained with the options this run gives it.
+        _remove_run_files(out_dir, "", keep_teacher=_teacher_matches(out_dir, options))
         return False
     if changed:
         raise cli.UsageError(f"{out_dir} holds a run with other options ({', '.join(changed)}); "
@@ -414,9 +558,25 @@ def _is_our_temporary(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".partial.keras"))
 
 
-def _remove_run_files(out_dir: Path, why: str) -> None:
+def _is_teacher_folder(path: Path) -> bool:
+    """OUT/teacher holding a --teacher standard run (or nothing): the run's own."""
+    return path.name == TEACHER_FOLDER and path.is_dir() and (
+        _run_config(path) is not None or not any(path.iterdir()))
+
+
+def _teacher_matches(out_dir: Path, options: dict) -> bool:
+    """OUT/teacher holds a run with the options this SSAT run would give its standard teacher."""
+    old = _run_config(out_dir / TEACHER_FOLDER)
+    if old is None or options.get("method") != "ssat" or options.get("teacher") != "standard":
+        return False
+    return all(_normal(old.get(k, ADDED_LATER.get(k))) == _normal(v) for k, v in teacher_options(options).items()
+               if k not in NOT_PART_OF_RUN and k not in ("out", "detector"))
+
+
+def _remove_run_files(out_dir: Path, why: str, keep_teacher: bool = False) -> None:
     """Remove what this command wrote into out_dir (RUN_FILES, RUN_FOLDER_FILES, TensorBoard event files,
-    our temporary files) and nothing else; say what was removed and what was kept."""
+    our temporary files, the OUT/teacher run's own files unless keep_teacher) and nothing else; say what
+    was removed and what was kept."""
     removed, kept = [], []
 
     def remove(path: Path) -> None:
@@ -426,6 +586,13 @@ def _remove_run_files(out_dir: Path, why: str) -> None:
     for path in sorted(out_dir.iterdir()):
         if path.is_file() and (path.name in RUN_FILES or _is_our_temporary(path.name)):
             remove(path)
+        elif _is_teacher_folder(path) and not keep_teacher:
+            _remove_run_files(path, why)
+            if any(path.iterdir()):
+                kept.append(f"{path.name}/ (holds files medrobust.train did not write)")
+            else:
+                path.rmdir()
+                removed.append(f"{path.name}/")
         elif path.is_dir() and (path.name in RUN_FOLDER_FILES or path.name == "tensorboard"):
             for inner in sorted(path.rglob("*"), reverse=True):  # files before their folders
                 ours = (inner.name.startswith("events.out.tfevents.") if path.name == "tensorboard"
@@ -462,11 +629,11 @@ def _check_teacher(o: dict) -> None:
     label fraction, another seed's labeled subset or other data), warn: its pseudo-labels carry those labels
     into a run that claims fewer."""
     teacher = o.get("teacher")
-    if o["method"] != "ssat" or teacher is None or str(teacher).lower() in ("none", "snapshot"):
+    if o["method"] != "ssat" or teacher is None or str(teacher).lower() in TEACHERS:
         return
     path = Path(str(teacher)).expanduser()
     if not path.is_file():
-        raise cli.UsageError(f"--teacher {teacher}: no such file (a classifier.keras, or snapshot / none)")
+        raise cli.UsageError(f"--teacher {teacher}: no such file (a classifier.keras, or standard / snapshot / none)")
     config_path = path.parent / "config.json"
     if not config_path.is_file():
         warnings.warn(f"--teacher {teacher}: no config.json beside it, so the labels it was trained on cannot be "

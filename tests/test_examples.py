@@ -51,3 +51,40 @@ def test_compare_defenses_writes_one_table_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "evaluating " in first.stdout  # what medrobust.evaluate prints when it starts
     assert "already complete" in again.stdout and "evaluating " not in again.stdout
+
+
+def _row(method, seed, clean, robust, risk, sens):
+    attack = {"robust_accuracy": {"0.002": robust}, "robust_sensitivity": {"0.002": {"CNV": sens, "DME": sens - 0.1}},
+              "classifier_only_risk": {"0.002": risk}, "system_risk": {"0.002": risk},
+              "adaptive_system_risk": {"0.002": risk}, "detection_auroc": {"0.002": 0.9}}
+    weaker = {**attack, "robust_accuracy": {"0.002": robust + 0.1},
+              "robust_sensitivity": {"0.002": {"CNV": sens + 0.1, "DME": sens}}}
+    return {"method": method, "label_fraction": 0.1, "seed": seed, "clean_accuracy": clean,
+            "sensitivity": {"CNV": 0.9, "DME": 0.5}, "attacks": {"pgd": attack, "apgd": weaker},
+            "robust_accuracy": {"0.002": robust}, "classifier_only_risk": {"0.002": risk},
+            "system_risk": {"0.002": risk}, "adaptive_system_risk": {"0.002": risk},
+            "detection_auroc": {"0.002": 0.9}, "clean_false_referral_rate": 0.05, "train_seconds": 10.0,
+            "teacher_train_seconds": 2.0 if method != "standard" else None}
+
+
+def test_seeds_give_mean_and_sample_sd_per_method_and_fraction():
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import compare_defenses as cd
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    rows = [_row("ssat + UAD", 0, 0.8, 0.6, 0.1, 0.5), _row("ssat + UAD", 1, 0.6, 0.4, 0.3, 0.7),
+            _row("ssat + UAD", 2, 0.7, 0.5, 0.2, 0.6), _row("standard", 0, 0.9, 0.1, 0.8, 0.2)]
+    summary = cd.summary_rows(rows)
+    assert [(s["method"], s["seeds"]) for s in summary] == [("ssat + UAD", [0, 1, 2]), ("standard", [0])]
+    ssat = summary[0]
+    assert ssat["clean_accuracy"] == {"mean": 0.7, "sd": 0.1, "n": 3}
+    assert ssat["robust_accuracy"]["0.002"] == {"mean": 0.5, "sd": 0.1, "n": 3}
+    assert ssat["adaptive_system_risk"]["0.002"] == {"mean": 0.2, "sd": 0.1, "n": 3}
+    # Per class under the strongest attack: the lower of the two attacks per class, then the mean.
+    assert ssat["robust_sensitivity_top"] == {"CNV": {"mean": 0.6, "sd": 0.1, "n": 3},
+                                              "DME": {"mean": 0.5, "sd": 0.1, "n": 3}}
+    assert ssat["train_seconds"]["mean"] == 12.0  # the teacher's training counts
+    assert summary[1]["clean_accuracy"] == {"mean": 0.9, "sd": 0.0, "n": 1}
+    text = "\n".join(cd.summary_markdown({"summary": summary, "seeds": [0, 1, 2]}))
+    assert "| ssat + UAD | 0.1 | 0.700 ± 0.100 | 0.500 ± 0.100 | 0.200 ± 0.100 | 12 ± 0 |" in text

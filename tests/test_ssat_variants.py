@@ -55,7 +55,8 @@ def _kl(p_logits, q_logits):
 
 # -- options --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs", [dict(loss="kl"), dict(loss="trades", beta=-1.0),
-                                    dict(loss="trades", joint_forward=True), dict(loss="trades", attack="cw")])
+                                    dict(loss="trades", joint_forward=True), dict(loss="trades", attack="cw"),
+                                    dict(loss="ce", attack="free")])
 def test_rejects_bad_options(kwargs):
     with pytest.raises(ValueError):
         SSATTrainer(_classifier(), **kwargs)
@@ -219,6 +220,54 @@ def test_gradient_flows_through_both_sides_of_the_kl():
         assert max(np.abs(g - o).max() for g, o in zip(got, one_side)) > 1e-3 * max(np.abs(g).max() for g in got)
 
 
+def _free_reference(clf, teacher, x, y, x_u, lam, beta, eps):
+    """attack="free" by hand: pass 1 gives the clean loss's weight and input gradients, one signed step of
+    eps, pass 2 adds beta * KL(fixed clean || adversarial) on labeled and (times lam) unlabeled images."""
+    x_all = tf.constant(np.concatenate([x, x_u]))
+    pseudo = np.argmax(teacher(x_u, training=False).numpy(), -1)
+    weights = clf.trainable_weights
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x_all)
+        clean = clf(x_all, training=True)
+        clean_loss = tf.reduce_mean(_ce(clean[:BATCH], y)) + lam * tf.reduce_mean(_ce(clean[BATCH:], pseudo))
+    grad_x = tape.gradient(clean_loss, x_all)
+    x_adv = tf.clip_by_value(x_all + eps * tf.sign(grad_x), 0.0, 1.0)
+    with tf.GradientTape() as tape2:
+        kl = _kl(tf.stop_gradient(clean), clf(x_adv, training=True))
+        adv_loss = beta * (tf.reduce_mean(kl[:BATCH]) + lam * tf.reduce_mean(kl[BATCH:]))
+    grads = [a + b for a, b in zip(tape.gradient(clean_loss, weights), tape2.gradient(adv_loss, weights))]
+    return [w.numpy() - 0.1 * g.numpy() for w, g in zip(weights, grads)], float(clean_loss + adv_loss), x_adv
+
+
+def test_free_attack_step_matches_its_formula_with_one_optimizer_update():
+    """attack="free": the adversaries are FGSM along the clean loss's input gradient, taken from the same
+    backward pass as the update, and the step is one SGD update on clean loss + beta * one-sided KL."""
+    x, y = _data()
+    x_u, _ = _data(seed=1)
+    teacher, start = _classifier(7), _classifier(0)
+    lam, beta, eps = 2.0, 5.0, 0.01
+    reference = _classifier(0)
+    want, want_loss, x_adv = _free_reference(reference, teacher, x, y, x_u, lam, beta, eps)
+    assert float(tf.reduce_max(tf.abs(x_adv - np.concatenate([x, x_u])))) <= eps + TOL
+    trainer = _trades(start, teacher=teacher, lam=lam, beta=beta, attack="free")
+    logs = trainer.train_step(((tf.constant(x), tf.constant(x_u)), tf.constant(y)))
+    assert int(trainer.optimizer.iterations) == 1  # one update, not one per pass
+    np.testing.assert_allclose(float(logs["loss"]), want_loss, rtol=1e-4)
+    for got, expected in zip(start.trainable_weights, want):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_free_attack_needs_the_trades_form_and_the_cli_refuses_it_with_ce(tmp_path):
+    from medrobust import cli
+    from medrobust.train import train
+
+    with pytest.raises(ValueError, match="free"):
+        SSATTrainer(_classifier(), loss="ce", attack="free")
+    with pytest.raises(cli.UsageError, match="--attack free needs --ssat-loss trades"):
+        train(data="phantom", ssat_loss="ce", attack="free", out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
 def test_without_unlabeled_batch_it_is_trades_on_the_labeled_batch():
     x, y = _data()
     start = _classifier()
@@ -360,7 +409,8 @@ def _child(out_path: str) -> None:
     results = {"kept_per_replica": split(tau)}
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     configs = {"threshold": dict(confidence=tau, attack="fgsm"),
-               "snapshot_pgd": dict(teacher="snapshot", pretrain_steps=1, pgd_steps=2)}
+               "snapshot_pgd": dict(teacher="snapshot", pretrain_steps=1, pgd_steps=2),
+               "free": dict(confidence=tau, attack="free")}
     for config, options in configs.items():
         for name, strategy in (("single", tf.distribute.get_strategy()), ("mirrored", mirrored)):
             with strategy.scope():
@@ -391,7 +441,7 @@ def _max_diff(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["threshold", "snapshot_pgd"])
+@pytest.mark.parametrize("config", ["threshold", "snapshot_pgd", "free"])
 def test_mirrored_two_replicas_match_one_device(distributed, config):
     single, mirrored = distributed[f"single_{config}"], distributed[f"mirrored_{config}"]
     assert (single["replicas"], mirrored["replicas"]) == (1, 2)
@@ -400,6 +450,8 @@ def test_mirrored_two_replicas_match_one_device(distributed, config):
         kept = distributed["kept_per_replica"]
         assert kept[0] != kept[1], f"replicas should keep different numbers of pseudo-labels: {kept}"
         assert 0 < single["history"]["pseudo_kept"][0] < 1
+    elif config == "free":  # without a teacher it labels from its own training-mode pass (tau was set in inference mode)
+        assert single["history"]["robust_kl"][0] > 0 and mirrored["history"]["robust_kl"][0] > 0
     else:  # step 1 labeled-only (attacks skipped in a tf.cond on every replica), then the snapshot labels
         assert single["history"]["robust_kl"][0] == 0 == mirrored["history"]["robust_kl"][0]
         assert single["history"]["pseudo_kept"][1] == 1.0

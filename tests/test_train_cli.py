@@ -191,3 +191,86 @@ def test_a_teacher_that_saw_more_labels_is_named(tmp_path):
     assert not caught, [str(w.message) for w in caught]
     with pytest.raises(cli.UsageError, match="no such file"):
         _check_teacher({**options, "teacher": str(tmp_path / "missing.keras")})
+
+
+# -- --method ssat's default recipe: a standard teacher (OUT/teacher), then robust self-training ------
+SSAT_ARGS = ["--data", "phantom", "--method", "ssat", "--label-fraction", "0.1", "--epochs", "1", "--width", "8",
+             "--batch-size", "200",
+             "--detector", "false", "--pretrain-epochs", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def ssat_default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ssat"
+    result = run_cli(*SSAT_ARGS, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_ssat_trains_its_standard_teacher_on_the_same_labels_and_records_it(ssat_default_run):
+    out, result = ssat_default_run
+    teacher = json.loads((out / "teacher" / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert (teacher["method"], teacher["detector"], teacher["out"]) == ("standard", False, str(out / "teacher"))
+    for key in ("label_fraction", "seed", "image_size", "arch", "width", "n_labeled", "augmentation",
+                "class_weights", "epochs_resolved", "data_source"):
+        assert teacher[key] == config[key], key
+    assert (config["ssat_loss"], config["teacher"], config["attack"]) == ("trades", "standard", "free")
+    run = config["teacher_run"]
+    assert run["path"] == str(out / "teacher" / "classifier.keras") and (out / "teacher" / "classifier.keras").is_file()
+    assert run["config"]["method"] == "standard" and run["config"]["n_labeled"] == config["n_labeled"] == 400
+    assert run["metrics"]["clean_accuracy"] == json.loads((out / "teacher" / "metrics.json").read_text())[
+        "clean_accuracy"]
+    assert "pseudo-labels from the standard teacher" in result.stdout
+    assert "robust_kl" in (out / "training_log.csv").read_text().splitlines()[0]  # the trades form's loss parts
+
+
+def test_ssat_reuses_its_finished_teacher_and_a_finished_run(ssat_default_run):
+    out, _ = ssat_default_run
+    teacher_model = out / "teacher" / "classifier.keras"
+    before = teacher_model.stat().st_mtime_ns
+    # The SSAT run lost (as if it never started after its teacher finished): the teacher is reused.
+    for name in ("classifier.keras", "config.json", "metrics.json", "training_log.csv"):
+        (out / name).unlink()
+    again = run_cli(*SSAT_ARGS, "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{out / 'teacher'}: this run is already complete" in again.stdout
+    assert teacher_model.stat().st_mtime_ns == before and (out / "metrics.json").is_file()
+    done = run_cli(*SSAT_ARGS, "--out", str(out))
+    assert done.returncode == 0 and "teacher:" not in done.stdout and f"{out}: this run is already complete" in done.stdout
+
+
+def test_overwrite_removes_the_teacher_run_as_the_runs_own_and_keeps_foreign_files(tmp_path):
+    from medrobust.train import _remove_run_files
+
+    out = tmp_path / "run"
+    (out / "teacher" / "backup").mkdir(parents=True)
+    marker = {"method": "standard", "data_source": "phantom", "versions": {}}
+    for folder in (out, out / "teacher"):
+        (folder / "config.json").write_text(json.dumps(marker))
+        (folder / "classifier.keras").write_bytes(b"model")
+    (out / "teacher" / "backup" / "latest.weights.h5").write_bytes(b"w")
+    (out / "teacher" / "notes.txt").write_text("mine")
+    _remove_run_files(out, "--overwrite true: ")
+    assert sorted(p.name for p in out.rglob("*")) == ["notes.txt", "teacher"]  # the user's file stays
+    (out / "teacher" / "notes.txt").unlink()
+    (out / "teacher" / "config.json").write_text(json.dumps(marker))
+    _remove_run_files(out, "")
+    assert not (out / "teacher").exists()
+    # A folder named teacher that is not a run is not ours: kept.
+    (out / "teacher").mkdir()
+    (out / "teacher" / "x.png").write_bytes(b"png")
+    _remove_run_files(out, "")
+    assert (out / "teacher" / "x.png").is_file()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "ssat", "--ssat-loss", "ce", "--attack", "free"], "--attack free needs --ssat-loss trades"),
+    (["--method", "ssat", "--teacher", "/no/such/teacher.keras"], "--teacher /no/such/teacher.keras: no such file"),
+    (["--method", "ssat", "--ssat-loss", "kl"], "--ssat-loss must be one of"),
+])
+def test_bad_ssat_options_are_one_line_errors_before_any_teacher_is_trained(tmp_path, args, words):
+    result = run_cli("--data", "phantom", *args, "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error:") and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()
