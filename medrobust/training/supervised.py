@@ -136,7 +136,7 @@ class TRADESTrainer(Trainer):
         return {"loss": natural + self.beta * robust, "natural_ce": natural, "robust_kl": robust}, logits
 
 
-class MARTTrainer(Trainer):
+class MARTTrainer(TRADESTrainer):
     """MART, Wang et al. (ICLR 2020), "Improving adversarial robustness requires revisiting misclassified
     examples": BCE(f(x_adv), y) + beta * KL(f(x) || f(x_adv)) * (1 - f(x)_y).
 
@@ -149,14 +149,7 @@ class MARTTrainer(Trainer):
 
     method = "mart"
     loss_parts = ("loss", "boosted_ce", "robust_kl")
-    START_SCALE = 0.001 / 0.031  # the reference code's N(0, 0.001) start at eps 8/255
-
-    def __init__(self, classifier: keras.Model, eps: float = 0.004, steps: int = 10, beta: float = 6.0,
-                 step_size: float | None = None, **kwargs):
-        super().__init__(classifier, **kwargs)
-        if not 0 <= eps <= 1 or int(steps) < 1 or beta < 0:
-            raise ValueError(f"need 0 <= eps <= 1, steps >= 1, beta >= 0; got eps={eps}, steps={steps}, beta={beta}")
-        self.eps, self.steps, self.beta, self.step_size = float(eps), int(steps), float(beta), step_size
+    # __init__ (eps, steps, beta, step_size) and the small Gaussian start (the reference code's N(0, 0.001)) are TRADES'.
 
     def prepare(self, x, y, x_u) -> dict:
         x_adv = pgd_linf(self.classifier, x, tf.cast(y, tf.int32), self.eps, self.steps, ce, self.step_size,
