@@ -456,9 +456,14 @@ def test_mirrored_two_replicas_match_one_device(distributed, config):
         assert single["history"]["robust_kl"][0] == 0 == mirrored["history"]["robust_kl"][0]
         assert single["history"]["pseudo_kept"][1] == 1.0
     for part in parts:  # step 1: the same loss and update up to rounding
-        np.testing.assert_allclose(mirrored["history"][part][0], single["history"][part][0], rtol=1e-5, atol=1e-7,
-                                   err_msg=part)
-    assert _max_diff(single["weights"][0], mirrored["weights"][0]) < 1e-5
+        # The free form attacks at step 1 already: sign() of its input gradient turns rounding into a few
+        # flipped pixels, which moves its ~3e-3 KL terms by ~0.3% (measured) but not the other parts.
+        loose = config == "free" and part in ("loss", "robust_kl", "unlabeled_kl")
+        np.testing.assert_allclose(mirrored["history"][part][0], single["history"][part][0],
+                                   rtol=1e-2 if loose else 1e-5, atol=1e-7, err_msg=part)
+    # (free: those flipped pixels move the first update by up to 4e-4 of weights ~0.2, measured; a wrong
+    # replica scaling would move it by the whole update, ~1e-2)
+    assert _max_diff(single["weights"][0], mirrored["weights"][0]) < (1e-3 if config == "free" else 1e-5)
     # Later steps: sign() in the attack turns rounding differences into discrete ones, so they agree
     # loosely; most of all the KL terms, which are ~1e-4 in these small fresh models, so a few flipped
     # signs move them by 10-20% (measured) while the loss moves by < 1e-4 of itself.
