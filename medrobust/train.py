@@ -365,11 +365,12 @@ def _train(o: dict, out_dir: Path, pool=None) -> dict:
     atomic_save_model(classifier, out_dir / "classifier.keras")
 
     x_test, y_test = data["test"]
+    probs = {s: _probabilities(classifier, data[s][0]) for s in ("val", "test")}  # one pass per split
     metrics = {
         "clean_accuracy": accuracy(classifier, x_test, y_test),
         "val_accuracy": accuracy(classifier, *data["val"]),
-        **{f"{s}_sensitivity": class_sensitivity(classifier, *data[s], data.classes) for s in ("val", "test")},
-        "referral": referral_point(classifier, data, o["referral_sensitivity"]),
+        **{f"{s}_sensitivity": class_sensitivity(probs[s], data[s][1], data.classes) for s in ("val", "test")},
+        "referral": referral_point(probs, data, o["referral_sensitivity"]),
         "method": o["method"], "label_fraction": o["label_fraction"], "epochs": o["epochs"],
         "steps_per_epoch": steps, "train_seconds_last_session": round(train_seconds, 2),
         "data_source": data.source, "synthetic_data": data.synthetic, "n_test": int(len(y_test)),
@@ -402,20 +403,19 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def referral_point(classifier, data, target_sensitivity: float) -> dict:
+def referral_point(probs: dict, data, target_sensitivity: float) -> dict | None:
     """The disease-vs-NORMAL referral threshold chosen on the validation split for the target sensitivity
-    (medrobust.evaluation.referral), with the test split's figures at it."""
+    (medrobust.evaluation.referral), with the test split's figures at it. probs: {split: softmax [n, 4]}."""
     from medrobust.evaluation.referral import (disease_probability, fit_operating_point, is_disease, refer,
                                                referral_metrics)
 
     try:
-        point = fit_operating_point(_probabilities(classifier, data["val"][0]), data["val"][1], target_sensitivity)
+        point = fit_operating_point(probs["val"], data["val"][1], target_sensitivity)
     except ValueError as exc:  # e.g. a validation split without diseased scans
         warnings.warn(f"no referral threshold: {exc}", stacklevel=2)
         return None
-    x_test, y_test = data["test"]
-    point["test"] = referral_metrics(refer(disease_probability(_probabilities(classifier, x_test)), point["threshold"]),
-                                     is_disease(y_test))
+    point["test"] = referral_metrics(refer(disease_probability(probs["test"]), point["threshold"]),
+                                     is_disease(data["test"][1]))
     return point
 
 
@@ -427,11 +427,11 @@ def _probabilities(classifier, x):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def class_sensitivity(classifier, x, y, classes) -> dict:
-    """{class: sensitivity (recall) on (x, y), None if the class is absent}."""
+def class_sensitivity(probs, y, classes) -> dict:
+    """{class: sensitivity (recall) of softmax probabilities probs [n, 4] against y, None if the class is absent}."""
     from medrobust.evaluation.metrics import clinical_metrics
 
-    per_class = clinical_metrics(y, _probabilities(classifier, x))["per_class"]
+    per_class = clinical_metrics(y, probs)["per_class"]
     return {c: None if per_class[c]["sensitivity"] is None else round(per_class[c]["sensitivity"], 4)
             for c in classes}
 
