@@ -135,10 +135,17 @@ def main() -> None:
                         help="K > 1: patient-grouped K-fold cross-validation over train + val instead of train -> val")
     parser.add_argument("--test", action="store_true", help="also report the test split (chosen configurations only)")
     parser.add_argument("--save", default=None, help="save the classifier here (.keras)")
+    parser.add_argument("--model", default=None,
+                        help="a classifier saved with --save: measure it instead of training (the test-once step: "
+                             "choose on val, then --model SAVED --test with the options it was trained with)")
     parser.add_argument("--log", default=None, help="append the JSON line to this file")
     args = parser.parse_args()
     if args.folds and args.test:
         parser.error("--test reports one trained model; run it without --folds")
+    if args.model and args.folds:
+        parser.error("--model measures one saved classifier; run it without --folds")
+    if args.model and not os.path.isfile(args.model):
+        parser.error(f"--model {args.model}: no such file")
 
     from medrobust.data import load_data
 
@@ -247,6 +254,12 @@ def main() -> None:
                       "flip_tta": scores(np.concatenate(truth), np.concatenate(flip_preds), data.classes)}
         if args.robust_eps:
             val_report["robust"] = robust_scores(np.concatenate(truth), np.concatenate(robust), data.classes)
+    elif args.model:
+        classifier = keras.models.load_model(args.model)
+        epoch_times, curves = [0.0], []
+        val_report = per_class(classifier, *data["val"], data.classes)
+        if args.robust_eps:
+            val_report["robust"] = robust_scores(data["val"][1], robust_correct(classifier, *data["val"]), data.classes)
     else:
         x, y = data["train"]
         classifier, epoch_times, curve = fit(x, y, *data["val"], args.seed)
@@ -260,7 +273,7 @@ def main() -> None:
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "augment": args.augment, "augmentation": args.augmentation, "class_weight": args.class_weight,
         "sampling": args.sampling, "label_fraction": args.label_fraction, "teacher": args.teacher,
-        "options": args.option, "robust_eps": args.robust_eps, "seed": args.seed,
+        "options": args.option, "robust_eps": args.robust_eps, "seed": args.seed, "model": args.model,
         "params": int(classifier.count_params()), "macs": count_macs(classifier, args.image_size),
         "load_seconds": round(load_seconds, 2), "train_seconds": round(train_seconds, 1),
         "first_epoch_seconds": round(epoch_times[0], 1),
@@ -271,6 +284,10 @@ def main() -> None:
     }
     if args.test:
         row["test"] = per_class(classifier, *data["test"], data.classes)
+        from medrobust.train import referral_point  # threshold chosen on val, applied to test
+
+        row["test"]["referral"] = referral_point({s: probabilities(classifier, data[s][0]) for s in ("val", "test")},
+                                                 data, 0.95)
         if args.robust_eps:
             row["test"]["robust"] = robust_scores(data["test"][1], robust_correct(classifier, *data["test"]), data.classes)
     if args.save:

@@ -38,6 +38,7 @@ from medrobust.io import atomic_write_bytes, atomic_write_json, read_json
 from medrobust_screen.classes import CLASSES
 from medrobust_screen.manifest import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
 from medrobust_screen.screener import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE
+from medrobust_screen.referral import REFERRAL_RULE
 from medrobust_screen.signing import SIGNATURE
 
 QUANTIZE = ("int8", "float16", "none")
@@ -434,6 +435,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _referral(point: dict) -> dict:
+    """The run's referral operating point (metrics.json "referral", medrobust.evaluation.referral) as the
+    bundle states it; medrobust-screen applies it to the screening model's probabilities."""
+    return {"threshold": float(point["threshold"]), "score": "p_disease = 1 - P(NORMAL)",
+            "rule": REFERRAL_RULE, "target_sensitivity": point.get("target_sensitivity"),
+            "chosen_on": f"{point.get('chosen_on', 'val')} split, float Keras classifier",
+            "val": {k: point.get("val", {}).get(k) for k in ("sensitivity", "specificity", "n_disease", "n_normal")},
+            "test": {k: point.get("test", {}).get(k) for k in ("sensitivity", "specificity", "n_disease", "n_normal")}
+            if point.get("test") else None}
+
+
 def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source, threshold, entries, onnx,
               opset) -> dict:
     from medrobust.io import package_versions
@@ -481,6 +493,7 @@ def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_sourc
                      "flag": f"anomaly_score > {threshold!r}",
                      "clean_fpr": metrics.get("detector_clean_fpr")},
         "verdict_rule": VERDICT_RULE,
+        **({"referral": _referral(metrics["referral"])} if metrics.get("referral") else {}),
         "clinical_reading": "refer = the detector flags the scan as unlike the clean scans the models were built on "
                             "(adversarial, artefact, other device or disease): do not trust the AI on this scan, a "
                             "human reads it. classify = the predicted class is a screening result, not a diagnosis.",

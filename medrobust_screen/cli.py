@@ -64,7 +64,8 @@ from medrobust_screen.errors import BundleError, UsageError
 from medrobust_screen.images import IMAGE_EXTENSIONS
 from medrobust_screen.inputs import check_inputs, iter_image_files
 from medrobust_screen.output import Sink, output_format
-from medrobust_screen.screener import COLUMNS, VERDICT_CLASSIFY, VERDICT_ERROR, VERDICT_REFER, VERDICT_RULE, Screener
+from medrobust_screen.referral import REFERRAL_RULE
+from medrobust_screen.screener import VERDICT_CLASSIFY, VERDICT_ERROR, VERDICT_REFER, VERDICT_RULE, Screener
 
 TRUSTED_KEY_ENV = "MEDROBUST_TRUSTED_KEY"  # a provisioned device's publisher key, used when --trusted-key is absent
 
@@ -151,24 +152,29 @@ def _run(args, log, warn) -> int:
     # DICOM hook: find the inputs first, since the CSV columns depend on whether any is DICOM.
     stats: dict = {}
     files = list(iter_image_files(inputs, stats))
-    columns = COLUMNS
-    if any(dicom_files.is_dicom_file(p) for p in files):
-        columns = COLUMNS + volume_options.columns()
+    columns = screener.columns
+    if screener.referral:
+        header.update(referral={**screener.referral, "rule": REFERRAL_RULE})
+    is_dicom = any(dicom_files.is_dicom_file(p) for p in files)
+    if is_dicom:
+        columns = columns + volume_options.columns()
         dicom_files.import_pydicom()  # start-up, not screening time
         header.update(volume_rule=volumes.VOLUME_RULE, min_confidence=volume_options.min_confidence,
                       identifiers="kept" if volume_options.keep_identifiers else "left out")
     sink = Sink(args.out, header, columns)
     counts = {VERDICT_CLASSIFY: 0, VERDICT_REFER: 0, VERDICT_ERROR: 0}
     dicom_counts = {"volumes": 0, "bscans": 0}
+    positives = 0
     started = last = time.perf_counter()
     try:
         for row in screener.screen(files, None, volume_options):
-            if columns != COLUMNS:
+            if is_dicom:
                 row.setdefault("level", volumes.LEVEL_IMAGE)
             sink.write(row)
             if row.get("level") == volumes.LEVEL_FRAME:
                 continue  # counted through its volume's row
             counts[row["verdict"]] += 1
+            positives += row.get("disease_screen") == "positive"
             if row.get("level") == volumes.LEVEL_VOLUME:
                 dicom_counts["volumes"] += 1
                 dicom_counts["bscans"] += row.get("frames") or 0
@@ -183,8 +189,9 @@ def _run(args, log, warn) -> int:
         raise
     seconds = time.perf_counter() - started
     n_files = sum(counts.values())
-    summary = {**counts, "images": n_files, "ignored_non_image_files": stats.get("ignored", 0),
-               **(dicom_counts if columns != COLUMNS else {}), "seconds": round(seconds, 3)}
+    summary = {**counts, **({"screen_positive": positives} if screener.referral else {}),
+               "images": n_files, "ignored_non_image_files": stats.get("ignored", 0),
+               **(dicom_counts if is_dicom else {}), "seconds": round(seconds, 3)}
     if n_files == 0:
         sink.abort()
         raise UsageError(f"no image files found in {', '.join(inputs)} "
@@ -194,6 +201,7 @@ def _run(args, log, warn) -> int:
     rate = n_images / seconds if seconds > 0 else float("inf")
     log(f"screened {n_files} files: {counts[VERDICT_CLASSIFY]} classify, {counts[VERDICT_REFER]} refer, "
         f"{counts[VERDICT_ERROR]} errors"
+        + (f"; {positives} screen positive (p_disease >= {screener.referral_threshold:.4g})" if screener.referral else "")
         + (f" ({dicom_counts['bscans']} B-scans in {dicom_counts['volumes']} DICOM volumes)"
            if dicom_counts["volumes"] else "")
         + (f", {stats['ignored']} non-image files ignored" if stats.get("ignored") else "")

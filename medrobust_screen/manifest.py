@@ -105,6 +105,10 @@ def _check_manifest_types(m: dict, path: str) -> None:
     screening = _field(m, "models.screening.file", path)
     if screening not in files:
         raise BundleError(f"{path}: models.screening.file {screening!r} is not listed in files")
+    if "referral" in m:  # optional: runs trained before the referral operating point have none
+        t = _field(m, "referral.threshold", path)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise BundleError(f"{path}: referral.threshold must be a probability in [0, 1], got {t!r}")
 
 
 def plain_name(name) -> bool:

@@ -85,8 +85,8 @@ class Sink:
 
 def _json_row(row: dict) -> dict:
     out = {k: v for k, v in row.items() if k not in RUN_COLUMNS}  # in the JSON header instead
-    for k in ("confidence", "anomaly_score"):
-        if out[k] == "":
+    for k in ("confidence", "anomaly_score", "p_disease", "disease_screen"):
+        if out.get(k) == "":
             out[k] = None
     if not out["error"]:
         out["error"] = None

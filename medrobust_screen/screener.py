@@ -2,6 +2,10 @@
 
 A row is ``COLUMNS``: file, verdict (``classify`` | ``refer`` | ``error``), class, confidence,
 anomaly_score, error, training_data, bundle_signature (see medrobust_screen.cli for the command).
+A bundle whose manifest carries a referral operating point ("referral": the run's threshold on
+P(disease) = 1 - P(NORMAL), chosen on the validation split for a target sensitivity; see
+medrobust.evaluation.referral) adds ``REFERRAL_COLUMNS``: p_disease and disease_screen
+(``positive`` = refer to an ophthalmologist, ``negative``). Bundles without one give the rows they always gave.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from medrobust_screen import volume as volumes
 from medrobust_screen.errors import BundleError, UsageError
 from medrobust_screen.images import ImageError, load_image
 from medrobust_screen.inputs import iter_image_files
+from medrobust_screen.referral import REFERRAL_COLUMNS, disease_screen
 from medrobust_screen.manifest import (MANIFEST, check_signature, read_manifest, read_manifest_bytes, training_data,
                                        verify_files)
 
@@ -71,6 +76,10 @@ class Screener:
         self.classes = tuple(m["classes"])
         self.threshold = float(m["threshold"])
         self.image_size = int(m["preprocessing"]["image_size"])
+        self.referral = m.get("referral")
+        self.referral_threshold = float(self.referral["threshold"]) if self.referral else None
+        if self.referral and "NORMAL" not in self.classes:
+            raise BundleError(f"{self.bundle_dir}: {MANIFEST} has a referral threshold but no NORMAL class")
         name = m["models"]["screening"]["file"]
         with open(os.path.join(self.bundle_dir, name), "rb") as f:
             content = f.read()
@@ -82,6 +91,21 @@ class Screener:
             raise BundleError(f"{self.bundle_dir}: {name} is not a loadable TFLite model ({exc})") from None
         self._bind(name)
         self._check_threshold(name)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The row columns of this bundle (REFERRAL_COLUMNS only when its manifest has a referral point)."""
+        return COLUMNS + (REFERRAL_COLUMNS if self.referral else ())
+
+    def referral_fields(self, probs: np.ndarray | None) -> dict:
+        """{p_disease, disease_screen} for one softmax [classes] (blank for None: an unreadable scan); {}
+        for a bundle without a referral point."""
+        if not self.referral:
+            return {}
+        if probs is None:
+            return {"p_disease": "", "disease_screen": ""}
+        p = 1.0 - float(probs[self.classes.index("NORMAL")])
+        return disease_screen(p, self.referral_threshold)
 
     @property
     def signature_label(self) -> str:
@@ -155,14 +179,16 @@ class Screener:
         probs, score, flag = self.predict(image)
         k = int(np.argmax(probs))
         return self.row(path, verdict=VERDICT_REFER if flag else VERDICT_CLASSIFY, cls=self.classes[k],
-                        confidence=float(f"{probs[k]:.6f}"), anomaly_score=float(f"{score:.7g}"))
+                        confidence=float(f"{probs[k]:.6f}"), anomaly_score=float(f"{score:.7g}"),
+                        **self.referral_fields(probs))
 
     def row(self, path: str, verdict: str = VERDICT_ERROR, cls: str = "", confidence="", anomaly_score="",
             error: str = "", **extra) -> dict:
         """A result row (COLUMNS; `extra` may add columns a caller declared); an error row by default."""
         return {"file": path, "verdict": verdict, "class": cls, "confidence": confidence,
                 "anomaly_score": anomaly_score, "error": " ".join(str(error).split()),
-                "training_data": self.training_data["label"], "bundle_signature": self.signature_label, **extra}
+                "training_data": self.training_data["label"], "bundle_signature": self.signature_label,
+                **self.referral_fields(None), **extra}
 
     def screen(self, paths: Iterable[str], stats: dict | None = None,
                volume_options: "volumes.VolumeOptions | None" = None) -> Iterator[dict]:

@@ -38,7 +38,10 @@ Rows.  With DICOM inputs the output gains the columns ``DICOM_COLUMNS``: ``level
 object and eye); with ``--keep-identifiers`` also ``IDENTIFIER_COLUMNS``.  Per-B-scan rows are written
 (before their volume row) only with ``--per-frame``.  For a volume row, ``confidence`` is the highest
 confidence among the confident B-scans of its class and ``anomaly_score`` the highest score of any
-decoded B-scan.
+decoded B-scan.  With a bundle's referral threshold, a volume's ``p_disease`` is the highest of its
+decoded B-scans (flagged ones included: the detector's verdict is reported separately), so the volume
+screens positive when any B-scan does; per-volume sensitivity is then at least the per-B-scan one the
+threshold was chosen for, and specificity lower.
 
 No TensorFlow here: numpy, the standard library and ``medrobust_screen.dicom``.
 """
@@ -53,6 +56,7 @@ import numpy as np
 
 from medrobust_screen.classes import URGENT_CLASSES
 from medrobust_screen.images import ImageError
+from medrobust_screen.referral import disease_screen
 
 from medrobust_screen import dicom
 
@@ -117,9 +121,12 @@ def severity_order(classes: Sequence[str]) -> tuple[str, ...]:
 class VolumeTally:
     """Running counts over one volume's B-scan rows (bounded memory); ``verdict()`` applies the rule."""
 
-    def __init__(self, classes: Sequence[str], min_confidence: float = DEFAULT_MIN_CONFIDENCE):
+    def __init__(self, classes: Sequence[str], min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+                 referral_threshold: float | None = None):
         self.classes = tuple(classes)
         self.min_confidence = float(min_confidence)
+        self.referral_threshold = referral_threshold
+        self.max_p_disease: float | None = None
         self.frames = self.refer = self.errors = self.unsure = 0
         self.confident = {c: 0 for c in self.classes}
         self.best = {c: 0.0 for c in self.classes}
@@ -137,6 +144,9 @@ class VolumeTally:
             return
         score = float(row["anomaly_score"])
         self.max_score = score if self.max_score is None else max(self.max_score, score)
+        if row.get("p_disease", "") != "":
+            p = float(row["p_disease"])
+            self.max_p_disease = p if self.max_p_disease is None else max(self.max_p_disease, p)
         if verdict == "refer":
             self.refer += 1
         elif float(row["confidence"]) >= self.min_confidence:
@@ -147,7 +157,15 @@ class VolumeTally:
             self.unsure += 1
 
     def verdict(self) -> dict:
-        """The volume's verdict, class, confidence, anomaly_score, reason and frame counts."""
+        """The volume's verdict, class, confidence, anomaly_score, reason and frame counts (with a referral
+        threshold also p_disease, the highest of its decoded B-scans, and disease_screen at it)."""
+        out = self._verdict()
+        if self.referral_threshold is not None:
+            out.update({"p_disease": "", "disease_screen": ""} if self.max_p_disease is None
+                       else disease_screen(self.max_p_disease, self.referral_threshold))
+        return out
+
+    def _verdict(self) -> dict:
         n_confident = sum(self.confident.values())
         out = {"verdict": "classify", "class": "", "confidence": "",
                "anomaly_score": "" if self.max_score is None else float(f"{self.max_score:.7g}"),
@@ -205,15 +223,17 @@ def screen_volume(screener, path: str, options: VolumeOptions = VolumeOptions())
     try:
         volume = dicom.open_volume(path, keep_identifiers=options.keep_identifiers)
     except ImageError as exc:
-        yield {**frame_error_row(path, exc.reason), "level": LEVEL_VOLUME, "reason": "file not screened"}
+        yield {**frame_error_row(path, exc.reason), **screener.referral_fields(None), "level": LEVEL_VOLUME,
+               "reason": "file not screened"}
         return
     trace = {"sop_instance_uid": volume.sop_instance_uid, "laterality": volume.laterality, **volume.identifiers}
-    tally = VolumeTally(screener.classes, options.min_confidence)
+    tally = VolumeTally(screener.classes, options.min_confidence, screener.referral_threshold)
     for number, x in volume.iter_frames(screener.image_size):
         if isinstance(x, ImageError):
-            row = frame_error_row(path, x.reason)
+            row = {**frame_error_row(path, x.reason), **screener.referral_fields(None)}
         else:
-            row = frame_row(path, *screener.predict(x), screener.classes)
+            probs, score, flag = screener.predict(x)
+            row = {**frame_row(path, probs, score, flag, screener.classes), **screener.referral_fields(probs)}
         tally.add(row)
         if options.per_frame:
             yield {**row, "level": LEVEL_FRAME, "frame": number, "frames": volume.frames, **trace}

@@ -441,3 +441,18 @@ def test_without_pydicom_a_dicom_file_is_an_error_row(tmp_path, monkeypatch):
     assert dicom.import_pydicom() is None
     with pytest.raises(dicom.ImageError, match="pydicom is not installed"):
         dicom.open_volume(tmp_path / "a.dcm")
+
+
+def test_a_volume_screens_positive_when_any_decoded_bscan_does():
+    def tally(p_values, threshold=0.7):
+        t = VolumeTally(CLASSES, 0.5, threshold)
+        for p in p_values:
+            row = _row("error") if p is None else {**_row("classify", "NORMAL", 0.9), "p_disease": p}
+            t.add(row)
+        return t.verdict()
+
+    assert tally([0.1, 0.72, 0.3])["disease_screen"] == "positive"
+    assert tally([0.1, 0.72, 0.3])["p_disease"] == 0.72
+    assert tally([0.1, 0.69, None])["disease_screen"] == "negative"
+    assert tally([None, None]) | {} and tally([None, None])["disease_screen"] == ""
+    assert "disease_screen" not in VolumeTally(CLASSES).verdict()  # bundles without a referral point

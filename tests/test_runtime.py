@@ -626,3 +626,61 @@ def test_a_closed_pipe_ends_the_run_quietly(bundle_dir, scans, trust):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141, err[-2000:]
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def referral_bundle(run_dir, tmp_path_factory):
+    """An unsigned float bundle of a run whose metrics.json carries a referral operating point."""
+    from export.bundle import export_bundle
+    from medrobust.io import atomic_write_json
+
+    run = tmp_path_factory.mktemp("referral") / "run"
+    shutil.copytree(run_dir, run)
+    atomic_write_json(run / "metrics.json", {"referral": {
+        "target_sensitivity": 0.95, "threshold": 0.74, "score": "1 - P(NORMAL)", "chosen_on": "val",
+        "val": {"sensitivity": 0.96, "specificity": 0.5, "n_disease": 100, "n_normal": 50}}})
+    calib = np.random.default_rng(0).uniform(0, 1, (16, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+    export_bundle(run, run.parent / "bundle", quantize="none", onnx=False, data=calib,
+                  detector=_StandInDetector(calib), log=lambda m: None)
+    return run.parent / "bundle"
+
+
+def test_the_referral_threshold_of_the_run_is_applied_on_the_device(referral_bundle, scans, tmp_path, capsys):
+    from medrobust_screen.screener import Screener
+
+    manifest = json.loads((referral_bundle / "manifest.json").read_text())
+    assert manifest["referral"]["threshold"] == 0.74 and manifest["referral"]["target_sensitivity"] == 0.95
+    out = tmp_path / "r.csv"
+    assert _main("--bundle", str(referral_bundle), "--allow-unsigned", str(scans), "--out", str(out)) == 0
+    rows = _rows_csv(out)
+    assert list(rows[0])[-2:] == ["p_disease", "disease_screen"]
+    screener = Screener(referral_bundle, allow_unsigned=True)
+    normal = screener.classes.index("NORMAL")
+    seen = set()
+    for row in rows:
+        if row["verdict"] == "error":
+            assert row["p_disease"] == "" and row["disease_screen"] == ""
+            continue
+        probs, _, _ = screener.predict(screener.load(row["file"]))
+        assert float(row["p_disease"]) == pytest.approx(1 - probs[normal], abs=2e-6)
+        assert row["disease_screen"] == ("positive" if float(row["p_disease"]) >= 0.74 else "negative")
+        seen.add(row["disease_screen"])
+    positives = sum(r["disease_screen"] == "positive" for r in rows)
+    assert f"{positives} screen positive" in capsys.readouterr().err
+    doc_path = tmp_path / "r.json"
+    assert _main("--bundle", str(referral_bundle), "--allow-unsigned", str(scans), "--out", str(doc_path),
+                 "--quiet") == 0
+    doc = json.loads(doc_path.read_text())
+    assert doc["referral"]["threshold"] == 0.74 and "1 - P(NORMAL)" in doc["referral"]["rule"]
+    assert doc["summary"]["screen_positive"] == positives
+    assert all(r["disease_screen"] is None for r in doc["results"] if r["verdict"] == "error")
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "0.5", True])
+def test_a_referral_threshold_that_is_no_probability_is_refused(referral_bundle, scans, tmp_path, capsys, bad):
+    broken = _copy(referral_bundle, tmp_path)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["referral"]["threshold"] = bad
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert _main("--bundle", str(broken), "--allow-unsigned", str(scans)) == 2
+    assert "referral.threshold" in capsys.readouterr().err
