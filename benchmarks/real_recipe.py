@@ -43,15 +43,10 @@ def count_macs(classifier, image_size: int) -> int:
 def probabilities(classifier, x, flip: bool = False):
     """float64 [n, classes] softmax of the classifier; flip=True averages it with that of the mirrored scans
     (test-time flip, as horizontal flips are part of training augmentation)."""
-    import numpy as np
+    from medrobust.attacks.driver import predict_probabilities
 
-    def softmax(images):
-        logits = np.asarray(classifier.predict(images, batch_size=256, verbose=0), np.float64)
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    p = softmax(x)
-    return (p + softmax(x[:, :, ::-1])) / 2 if flip else p
+    p = predict_probabilities(classifier, x)
+    return (p + predict_probabilities(classifier, x[:, :, ::-1])) / 2 if flip else p
 
 
 def predict(classifier, x, flip: bool = False):

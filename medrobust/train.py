@@ -298,6 +298,7 @@ def _train(o: dict, out_dir: Path, pool=None) -> dict:
     from medrobust.data.splits import labeled_unlabeled_split
     from medrobust.models import build_classifier, load_classifier
     from medrobust.attacks import accuracy
+    from medrobust.attacks.driver import predict_probabilities
     from medrobust.training import make_trainer
 
     keras.utils.set_random_seed(o["seed"])
@@ -365,7 +366,7 @@ def _train(o: dict, out_dir: Path, pool=None) -> dict:
     atomic_save_model(classifier, out_dir / "classifier.keras")
 
     x_test, y_test = data["test"]
-    probs = {s: _probabilities(classifier, data[s][0]) for s in ("val", "test")}  # one pass per split
+    probs = {s: predict_probabilities(classifier, data[s][0]) for s in ("val", "test")}  # one pass per split
     metrics = {
         "clean_accuracy": accuracy(classifier, x_test, y_test),
         "val_accuracy": accuracy(classifier, *data["val"]),
@@ -417,14 +418,6 @@ def referral_point(probs: dict, data, target_sensitivity: float) -> dict | None:
     point["test"] = referral_metrics(refer(disease_probability(probs["test"]), point["threshold"]),
                                      is_disease(data["test"][1]))
     return point
-
-
-def _probabilities(classifier, x):
-    import numpy as np
-
-    logits = np.asarray(classifier.predict(x, batch_size=256, verbose=0), np.float64)
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def class_sensitivity(probs, y, classes) -> dict:

@@ -45,6 +45,18 @@ def predict_logits(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     return np.concatenate([call(tf.constant(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 [n, classes] softmax of logits [n, classes] (max-subtracted, so large logits do not overflow)."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """float64 [n, classes] softmax of the model's logits on x (predict_logits, then softmax)."""
+    return softmax(predict_logits(model, x, batch_size))
+
+
 def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
     return float(np.mean(predict_labels(model, x, batch_size) == y))
 

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from medrobust.attacks.driver import predict_labels, predict_logits
+from medrobust.attacks.driver import predict_labels, predict_probabilities
 from medrobust.classes import CLASSES
 from medrobust.evaluation.adaptive import joint_objective
 from medrobust.evaluation.metrics import clinical_metrics, detection_auroc, roc_points, wilson_ci
@@ -51,7 +51,7 @@ class SystemEvaluator:
         self.x, self.y = np.asarray(x, np.float32), np.asarray(y).astype(np.int64)
         self.settings = settings or AttackSettings()
         self.batch_size, self.progress = batch_size, progress
-        self.clean_probs = _softmax(predict_logits(classifier, self.x, batch_size))
+        self.clean_probs = predict_probabilities(classifier, self.x, batch_size)
         self.clean_correct = self.clean_probs.argmax(1) == self.y
         self.clean_scores = self._scores(self.x)
         # One attack object per name (and one adaptive one, whose weight is a variable), so each is
@@ -225,7 +225,7 @@ class SystemEvaluator:
     def _figures(self, x_adv: np.ndarray, name: str, curves: dict, curve: tuple):
         """Report figures for one set of adversarial images, with 95% Wilson intervals for every
         proportion; also which images are misclassified and which flagged."""
-        probs = _softmax(predict_logits(self.classifier, x_adv, self.batch_size))
+        probs = predict_probabilities(self.classifier, x_adv, self.batch_size)
         wrong = probs.argmax(1) != self.y
         cc = self.clean_correct
         n, n_cc = len(self.y), int(cc.sum())
@@ -286,8 +286,3 @@ def _stable_hash(text: str) -> int:
 
     return zlib.crc32(text.encode()) % 100_000
 
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
