@@ -65,6 +65,7 @@ from medrobust_screen.images import IMAGE_EXTENSIONS
 from medrobust_screen.inputs import check_inputs, iter_image_files
 from medrobust_screen.output import Sink, output_format
 from medrobust_screen.referral import REFERRAL_RULE
+from medrobust_screen.report import DETAIL_KEY, HtmlReport, check_report_path
 from medrobust_screen.screener import VERDICT_CLASSIFY, VERDICT_ERROR, VERDICT_REFER, VERDICT_RULE, Screener
 
 TRUSTED_KEY_ENV = "MEDROBUST_TRUSTED_KEY"  # a provisioned device's publisher key, used when --trusted-key is absent
@@ -95,6 +96,9 @@ def build_parser() -> ArgumentParser:
                              "every output says NOT VERIFIED)")
     parser.add_argument("--out", default=None,
                         help="write results to this .csv or .json file (default: CSV on standard output)")
+    parser.add_argument("--report", default=None, metavar="REPORT.html",
+                        help="also write a self-contained HTML report (one file, no network: thumbnails inline; "
+                             "referred and disease cases first); with or without --out")
     parser.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress or summary on standard error (warnings are still printed)")
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, log, warn) -> int:
     inputs = check_inputs(args.inputs)  # bad arguments fail before the bundle is even read
     output_format(args.out)
+    check_report_path(args.report, args.out)
     try:
         volume_options = volumes.options_from_args(args)
     except ValueError as exc:
@@ -159,18 +164,30 @@ def _run(args, log, warn) -> int:
     if is_dicom:
         columns = columns + volume_options.columns()
         dicom_files.import_pydicom()  # start-up, not screening time
-        header.update(volume_rule=volumes.VOLUME_RULE, min_confidence=volume_options.min_confidence,
+        header.update(volume_rule=volumes.VOLUME_RULE, series_rule=volumes.SERIES_RULE,
+                      min_confidence=volume_options.min_confidence,
                       identifiers="kept" if volume_options.keep_identifiers else "left out")
     sink = Sink(args.out, header, columns)
+    html = None
+    if args.report:
+        html = HtmlReport(args.report, {
+            "bundle": header["bundle"], "signature": screener.signature, "training_data": provenance,
+            "classes": screener.classes, "threshold": screener.threshold, "referral": screener.referral,
+            "model_outputs": screener.output_names, "keep_identifiers": volume_options.keep_identifiers,
+            **({"volume_rule": volumes.VOLUME_RULE + ". " + volumes.SERIES_RULE,
+                "min_confidence": volume_options.min_confidence} if is_dicom else {})})
     counts = {VERDICT_CLASSIFY: 0, VERDICT_REFER: 0, VERDICT_ERROR: 0}
     dicom_counts = {"volumes": 0, "bscans": 0}
     positives = 0
     started = last = time.perf_counter()
     try:
-        for row in screener.screen(files, None, volume_options):
+        for row in screener.screen(files, None, volume_options, details=html is not None):
+            detail = row.pop(DETAIL_KEY, None)
             if is_dicom:
                 row.setdefault("level", volumes.LEVEL_IMAGE)
             sink.write(row)
+            if html is not None:
+                html.add(row, detail)
             if row.get("level") == volumes.LEVEL_FRAME:
                 continue  # counted through its volume's row
             counts[row["verdict"]] += 1
@@ -186,6 +203,8 @@ def _run(args, log, warn) -> int:
                 last = now
     except BaseException:
         sink.abort()
+        if html is not None:
+            html.abort()
         raise
     seconds = time.perf_counter() - started
     n_files = sum(counts.values())
@@ -194,18 +213,26 @@ def _run(args, log, warn) -> int:
                **(dicom_counts if is_dicom else {}), "seconds": round(seconds, 3)}
     if n_files == 0:
         sink.abort()
+        if html is not None:
+            html.abort()
         raise UsageError(f"no image files found in {', '.join(inputs)} "
                          f"(looked for {' '.join(IMAGE_EXTENSIONS)} and DICOM files)")
     sink.close(summary)
+    if html is not None:
+        try:
+            html.close(summary)
+        except OSError as exc:
+            raise UsageError(f"--report: cannot write {args.report} ({exc})") from None
     n_images = n_files - dicom_counts["volumes"] + dicom_counts["bscans"]  # 2-D images + B-scans
     rate = n_images / seconds if seconds > 0 else float("inf")
-    log(f"screened {n_files} files: {counts[VERDICT_CLASSIFY]} classify, {counts[VERDICT_REFER]} refer, "
+    log(f"screened {n_files} {'images and volumes' if is_dicom else 'files'}: {counts[VERDICT_CLASSIFY]} classify, {counts[VERDICT_REFER]} refer, "
         f"{counts[VERDICT_ERROR]} errors"
         + (f"; {positives} screen positive (p_disease >= {screener.referral_threshold:.4g})" if screener.referral else "")
         + (f" ({dicom_counts['bscans']} B-scans in {dicom_counts['volumes']} DICOM volumes)"
            if dicom_counts["volumes"] else "")
         + (f", {stats['ignored']} non-image files ignored" if stats.get("ignored") else "")
-        + f" ({seconds:.2f} s, {rate:.1f} images/s)" + (f"; wrote {args.out}" if args.out else ""))
+        + f" ({seconds:.2f} s, {rate:.1f} images/s)" + (f"; wrote {args.out}" if args.out else "")
+        + (f"; report {args.report}" if args.report else ""))
     if screener.signature["status"] != "verified":
         warn("these results come from a bundle whose signature was NOT VERIFIED (--allow-unsigned)")
     return 0

@@ -161,6 +161,9 @@ class DicomVolume:
     transfer_syntax: str
     laterality: str = ""
     identifiers: dict = field(default_factory=dict)
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    instance_number: int | None = None  # InstanceNumber; None when absent or not a number
     _ds: object = field(default=None, repr=False)
     truncated: bool = False  # native pixel data longer than what the file holds
     readable_frames: int = -1  # frames wholly inside a truncated native file (-1: all)
@@ -185,14 +188,24 @@ class DicomVolume:
         ``x`` is float32 ``[image_size, image_size, 1]`` in [0, 1] (see the module docstring), or an
         ``ImageError`` for a frame that cannot be decoded (the next frames are still tried).
         """
+        for number, x, _ in self.iter_frames_with_display(image_size):
+            yield number, x
+
+    def iter_frames_with_display(self, image_size: int) -> Iterator[tuple[int, np.ndarray | ImageError,
+                                                                         np.ndarray | None]]:
+        """Like ``iter_frames``, yielding ``(frame_number, x, grey)``: ``grey`` is the frame's display
+        grey levels (uint8 ``[rows, columns]`` or ``[rows, columns, 3]``, read-only, valid until the next
+        frame; e.g. for a thumbnail), None when the frame could not be decoded."""
         for number, grey in self.iter_display_frames():
             if isinstance(grey, ImageError):
-                yield number, grey
+                yield number, grey, None
                 continue
             try:  # uint8 [h, w] -> mode L, [h, w, 3] -> RGB
-                yield number, to_model_input(Image.fromarray(grey), image_size)
+                x = to_model_input(Image.fromarray(grey), image_size)
             except ValueError as exc:
-                yield number, ImageError(self.path, f"frame {number}: {exc}")
+                yield number, ImageError(self.path, f"frame {number}: {exc}"), None
+                continue
+            yield number, x, grey
 
     def iter_display_frames(self) -> Iterator[tuple[int, np.ndarray | ImageError]]:
         """Yield ``(frame_number, grey)``: uint8 display grey levels ``[rows, columns]`` (or RGB
@@ -356,8 +369,18 @@ def _check(path: str, ds, keep_identifiers: bool) -> DicomVolume:
     return DicomVolume(path=path, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""), sop_class=sop_name,
                        modality=modality, frames=frames, rows=rows, columns=columns,
                        transfer_syntax=UID(tsyntax).name, laterality=_laterality(ds),
-                       identifiers=identifiers, truncated=truncated,
+                       identifiers=identifiers, series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+                       study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
+                       instance_number=_instance_number(ds), truncated=truncated,
                        readable_frames=readable, _ds=ds)
+
+
+def _instance_number(ds) -> int | None:
+    value = ds.get("InstanceNumber")
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _decodable(tsyntax) -> bool:

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from medrobust_screen import dicom as dicom_files
+from medrobust_screen import report
 from medrobust_screen import volume as volumes
 from medrobust_screen.errors import BundleError, UsageError
 from medrobust_screen.images import ImageError, load_image
@@ -132,6 +133,7 @@ class Screener:
         it.resize_tensor_input(self._input, [1, self.image_size, self.image_size, 1])
         it.allocate_tensors()
         self._outputs = {k: outputs[k]["index"] for k in needed}
+        self.output_names = tuple(sorted(outputs))  # e.g. for the report: which scores the model exposes
         n = int(outputs[OUTPUT_PROBABILITIES]["shape_signature"][-1])
         if n != len(self.classes):
             raise BundleError(f"{name}: {n} class probabilities, the manifest lists {len(self.classes)} classes")
@@ -168,19 +170,26 @@ class Screener:
         """A file -> the model input [s, s, 1] (ImageError with a one-line reason if it cannot be)."""
         return load_image(path, self.image_size)
 
-    def screen_file(self, path: str) -> dict:
-        """One row for one file (an error row if it cannot be decoded)."""
+    def screen_file(self, path: str, details: bool = False) -> dict:
+        """One row for one file (an error row if it cannot be decoded). With ``details`` the row also carries
+        ``report.DETAIL_KEY``: {probabilities ([n_classes] floats, None for an error row), thumbnail (PNG
+        bytes or None), thumbnail_note} for the HTML report (the caller removes it before writing the row)."""
         try:
             image = self.load(path)
         except ImageError as exc:
-            return self.row(path, error=exc.reason)
+            return self.row(path, error=exc.reason,
+                            **({report.DETAIL_KEY: {"thumbnail_note": "not decoded"}} if details else {}))
         except OSError as exc:  # pragma: no cover - load_image turns these into ImageError already
             return self.row(path, error=f"cannot read file ({exc.__class__.__name__}: {exc})")
         probs, score, flag = self.predict(image)
         k = int(np.argmax(probs))
+        extra = {}
+        if details:
+            extra[report.DETAIL_KEY] = {"probabilities": [float(p) for p in probs],
+                                        "thumbnail": report.thumbnail_of_file(path), "thumbnail_note": "the image"}
         return self.row(path, verdict=VERDICT_REFER if flag else VERDICT_CLASSIFY, cls=self.classes[k],
                         confidence=float(f"{probs[k]:.6f}"), anomaly_score=float(f"{score:.7g}"),
-                        **self.referral_fields(probs))
+                        **self.referral_fields(probs), **extra)
 
     def row(self, path: str, verdict: str = VERDICT_ERROR, cls: str = "", confidence="", anomaly_score="",
             error: str = "", **extra) -> dict:
@@ -191,17 +200,36 @@ class Screener:
                 **self.referral_fields(None), **extra}
 
     def screen(self, paths: Iterable[str], stats: dict | None = None,
-               volume_options: "volumes.VolumeOptions | None" = None) -> Iterator[dict]:
+               volume_options: "volumes.VolumeOptions | None" = None, details: bool = False) -> Iterator[dict]:
         """Rows for every image under `paths`, one at a time (a generator: bounded memory).
-        A DICOM file gives its volume row (and B-scan rows with volume_options.per_frame). Every row
-        carries the run columns (training_data, bundle_signature)."""
+
+        DICOM files are grouped first (``volume.plan_series``: headers only, no pixels): the files of one
+        series give one volume row at the place of its first file, a file on its own gives its volume row
+        (B-scan rows before it with volume_options.per_frame). Every row carries the run columns
+        (training_data, bundle_signature); with ``details`` rows for images and volumes also carry
+        ``report.DETAIL_KEY`` (see ``screen_file``)."""
         run_columns = {"training_data": self.training_data["label"], "bundle_signature": self.signature_label}
-        for path in iter_image_files(paths, stats):
-            if dicom_files.is_dicom_file(path):
-                for row in volumes.screen_volume(self, path, volume_options or volumes.VolumeOptions()):
-                    yield {**row, **run_columns}
+        options = volume_options or volumes.VolumeOptions()
+        files = list(iter_image_files(paths, stats))
+        is_dicom = {path: dicom_files.is_dicom_file(path) for path in files}
+        plan = volumes.plan_series([p for p in files if is_dicom[p]]) if any(is_dicom.values()) else {}
+        done: set[int] = set()
+        for path in files:
+            if not is_dicom[path]:
+                yield self.screen_file(path, details)
+                continue
+            placement = plan.get(path)
+            if placement is not None and placement.series is not None:
+                if id(placement.series) in done:
+                    continue  # screened with the first file of its series
+                done.add(id(placement.series))
+                rows = volumes.screen_series(self, placement.series, options, details)
+            elif placement is not None and placement.duplicate_of:
+                rows = [volumes.duplicate_row(self, path, placement)]
             else:
-                yield self.screen_file(path)
+                rows = volumes.screen_volume(self, path, options, details, placement)
+            for row in rows:
+                yield {**row, **run_columns}
 
 
 def _signature_details(interpreter, key: str) -> tuple[dict, dict]:

@@ -10,11 +10,15 @@ and the same verdict. The bundle is test_runtime's (untrained width-8 CNN + stan
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +31,13 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,  # noqa: E402
                          generate_uid)
-from test_runtime import ENV, IMAGE_SIZE, NO_TF, bundle_dir, keys, run_dir  # noqa: E402,F401  (fixtures)
+from test_runtime import ENV, IMAGE_SIZE, NO_TF, REAL_DATA, bundle_dir, keys, run_dir  # noqa: E402,F401  (fixtures)
 
 from export import dicom  # noqa: E402
 from export.volume import VolumeTally, severity_order  # noqa: E402
 from medrobust.classes import CLASSES  # noqa: E402
 from medrobust.data.images import load_image  # noqa: E402
+from medrobust_screen import report as report_module  # noqa: E402
 
 KERMANY = Path(os.environ.get("MEDROBUST_DATA", "/nonexistent")) / "kermany"
 if not KERMANY.is_dir():
@@ -456,3 +461,323 @@ def test_a_volume_screens_positive_when_any_decoded_bscan_does():
     assert tally([0.1, 0.69, None])["disease_screen"] == "negative"
     assert tally([None, None]) | {} and tally([None, None])["disease_screen"] == ""
     assert "disease_screen" not in VolumeTally(CLASSES).verdict()  # bundles without a referral point
+
+
+# ------------------------------------------------------------------------------- series: one verdict per eye
+
+def _bscan_pixels(n: int) -> list[tuple[Path, np.ndarray]]:
+    """n real 512x496 grey Kermany test B-scans (mixed classes) and their decoded pixels."""
+    if not (KERMANY / "test").is_dir():
+        pytest.skip("real Kermany scans not found (set MEDROBUST_DATA to the folder holding kermany/)")
+    out = []
+    files = {cls: iter(sorted((KERMANY / "test" / cls).glob("*.jpeg"))) for cls in ("CNV", "NORMAL", "DME", "DRUSEN")}
+    while len(out) < n and files:
+        for cls in list(files):
+            for path in files[cls]:
+                with Image.open(path) as img:
+                    if img.size == (512, 496) and img.mode == "L":
+                        out.append((path, np.asarray(img)))
+                        break
+            else:
+                del files[cls]
+            if len(out) == n:
+                return out
+    pytest.skip("not enough 512x496 grey Kermany B-scans")
+
+
+def _single(path: Path, pixels: np.ndarray, **attrs) -> Dataset:
+    """One B-scan per file, as many exports store a series."""
+    return _native(path, pixels, **attrs)
+
+
+@pytest.fixture(scope="module")
+def series_study(tmp_path_factory):
+    """One study, two eyes (R, L), 5 single-frame files per eye (one series each), in one folder with
+    shuffled file names; returns (folder, {laterality: [JPEG paths in InstanceNumber order]}, series UIDs)."""
+    root = tmp_path_factory.mktemp("series")
+    scans = _bscan_pixels(10)
+    study = generate_uid()
+    uids = {"R": generate_uid(), "L": generate_uid()}
+    rng = np.random.default_rng(23)
+    names = [f"IMG{n:04d}.dcm" for n in rng.permutation(10)]  # file order unrelated to InstanceNumber
+    order = rng.permutation(5)  # InstanceNumber of the k-th file written per eye
+    jpegs = {}
+    for e, eye in enumerate(("R", "L")):
+        ranked = [None] * 5
+        for k in range(5):
+            src, pixels = scans[e * 5 + k]
+            number = int(order[k]) + 1
+            ranked[number - 1] = src
+            _single(root / names[e * 5 + k], pixels, StudyInstanceUID=study, SeriesInstanceUID=uids[eye],
+                    ImageLaterality=eye, InstanceNumber=number)
+        jpegs[eye] = ranked
+    return root, jpegs, uids
+
+
+@pytest.mark.realdata
+def test_a_series_of_single_frame_files_gives_one_verdict_per_eye(bundle_dir, series_study, tmp_path):  # noqa: F811
+    from medrobust_screen.screener import Screener
+
+    root, jpegs, uids = series_study
+    out = tmp_path / "r.json"
+    assert _main("--bundle", str(bundle_dir), str(root), "--out", str(out), "--quiet") == 0
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert len(rows) == 2 and {r["laterality"] for r in rows} == {"R", "L"}  # 10 files, 2 eyes
+    screener = Screener(bundle_dir, allow_unsigned=True)
+    for row in rows:
+        eye = row["laterality"]
+        assert row["level"] == "volume" and row["frames"] == 5 and row["files"] == 5
+        assert row["series_instance_uid"] == uids[eye] and row["sop_instance_uid"] == ""
+        assert row["file"] == str(root)  # the series' folder
+        tally = VolumeTally(screener.classes)
+        for jpeg in jpegs[eye]:  # the same B-scans as JPEGs, in InstanceNumber order
+            tally.add(screener.screen_file(str(jpeg)))
+        want = tally.verdict()
+        for key in ("verdict", "class", "confidence", "anomaly_score", "refer_frames", "confident_frames",
+                    "frame_classes", "driving_frames"):
+            assert row[key] == (None if want[key] == "" and key in ("class", "confidence") else want[key]), key
+        assert row["driving_frames"], row
+    assert doc["summary"]["volumes"] == 2 and doc["summary"]["bscans"] == 10
+
+
+@pytest.mark.realdata
+def test_series_frames_are_ordered_by_instance_number(bundle_dir, series_study, tmp_path):  # noqa: F811
+    root, jpegs, uids = series_study
+    out = tmp_path / "r.json"
+    assert _main("--bundle", str(bundle_dir), str(root), "--per-frame", "--out", str(out), "--quiet") == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["level"] for r in rows] == (["frame"] * 5 + ["volume"]) * 2
+    for block in (rows[:6], rows[6:]):
+        *frames, volume = block
+        assert [f["frame"] for f in frames] == [1, 2, 3, 4, 5]
+        numbers = [int(pydicom.dcmread(f["file"], stop_before_pixels=True).InstanceNumber) for f in frames]
+        assert numbers == [1, 2, 3, 4, 5]  # each frame row names its own file
+        assert {f["laterality"] for f in frames} == {volume["laterality"]}
+        assert len({f["sop_instance_uid"] for f in frames}) == 5
+
+
+@pytest.mark.realdata
+def test_conflicting_series_are_not_merged_and_say_why(bundle_dir, tmp_path):  # noqa: F811
+    scans = _bscan_pixels(6)
+    p = [pixels for _, pixels in scans]
+    root = tmp_path / "export"
+    root.mkdir()
+    study = generate_uid()
+    # laterality disagrees within one SeriesInstanceUID
+    mixed = generate_uid()
+    for k, eye in enumerate("RRL"):
+        _single(root / f"lat{k}.dcm", p[k], StudyInstanceUID=study, SeriesInstanceUID=mixed, ImageLaterality=eye,
+                InstanceNumber=k + 1)
+    # a repeated SOP Instance UID
+    dup = generate_uid()
+    first = _single(root / "dup0.dcm", p[0], StudyInstanceUID=study, SeriesInstanceUID=dup, InstanceNumber=1)
+    _single(root / "dup1.dcm", p[1], StudyInstanceUID=study, SeriesInstanceUID=dup, InstanceNumber=2)
+    ds = _dataset(StudyInstanceUID=study, SeriesInstanceUID=dup, InstanceNumber=3)
+    ds.set_pixel_data(p[2], "MONOCHROME2", 8)  # (makes a new SOP Instance UID: repeat the first file's after it)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    ds.save_as(root / "dup2.dcm", enforce_file_format=True)
+    # a multi-frame file among single-frame files; and B-scans of different sizes
+    multi = generate_uid()
+    _single(root / "multi0.dcm", np.stack(p[:3]), StudyInstanceUID=study, SeriesInstanceUID=multi)
+    _single(root / "multi1.dcm", p[3], StudyInstanceUID=study, SeriesInstanceUID=multi)
+    sizes = generate_uid()
+    _single(root / "size0.dcm", p[4], StudyInstanceUID=study, SeriesInstanceUID=sizes, InstanceNumber=1)
+    _single(root / "size1.dcm", np.ascontiguousarray(p[5][:480]), StudyInstanceUID=study, SeriesInstanceUID=sizes,
+            InstanceNumber=2)
+    # no series or study tags: one volume per file, as before
+    _single(root / "plain0.dcm", p[0])
+    _single(root / "plain1.dcm", p[1])
+    # no SeriesInstanceUID: StudyInstanceUID + laterality groups them
+    other = generate_uid()
+    _single(root / "study0.dcm", p[2], StudyInstanceUID=other, ImageLaterality="L", InstanceNumber=2)
+    _single(root / "study1.dcm", p[3], StudyInstanceUID=other, ImageLaterality="L", InstanceNumber=1)
+    out = tmp_path / "r.csv"
+    assert _main("--bundle", str(bundle_dir), str(root), "--out", str(out), "--quiet") == 0
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    by_name = {os.path.relpath(r["file"], root): r for r in rows}
+    assert set(by_name) == {"lat0.dcm", "lat1.dcm", "lat2.dcm", "dup0.dcm", "dup1.dcm", "dup2.dcm", "multi0.dcm",
+                            "multi1.dcm", "size0.dcm", "size1.dcm", "plain0.dcm", "plain1.dcm", "."}
+    for name in ("lat0.dcm", "lat1.dcm", "lat2.dcm"):
+        assert by_name[name]["reason"].startswith("not merged with the 2 other files of series")
+        assert "laterality differs (L: 1 file, R: 2 files)" in by_name[name]["reason"]
+        assert by_name[name]["verdict"] in ("classify", "refer") and by_name[name]["files"] == "1"
+    assert by_name["lat2.dcm"]["laterality"] == "L" and by_name["lat0.dcm"]["series_instance_uid"] == mixed
+    duplicate = by_name["dup2.dcm"]
+    assert duplicate["verdict"] == "error" and "duplicate SOP Instance UID" in duplicate["error"]
+    assert str(root / "dup0.dcm") in duplicate["error"] and "SOP Instance UID repeated" in duplicate["reason"]
+    for name in ("dup0.dcm", "dup1.dcm"):
+        assert by_name[name]["verdict"] != "error" and "SOP Instance UID repeated" in by_name[name]["reason"]
+    assert "only single-frame files are merged" in by_name["multi0.dcm"]["reason"]
+    assert by_name["multi0.dcm"]["frames"] == "3" and by_name["multi1.dcm"]["frames"] == "1"
+    assert "B-scan sizes differ (512x480: 1 file, 512x496: 1 file)" in by_name["size1.dcm"]["reason"]
+    for name in ("plain0.dcm", "plain1.dcm"):
+        row = by_name[name]
+        assert "not merged" not in row["reason"] and row["series_instance_uid"] == "" and row["frames"] == "1"
+    study_row = by_name["."]
+    assert study_row["frames"] == "2" and study_row["files"] == "2" and study_row["laterality"] == "L"
+    assert "StudyInstanceUID" in study_row["reason"]
+
+
+def test_driving_frames_are_bounded_and_name_the_deciding_bscans():
+    tally = VolumeTally(CLASSES)
+    for k in range(30):
+        tally.add(_row("classify", "CNV", 0.9) if k % 2 == 0 else _row("classify", "NORMAL", 0.9))
+    out = tally.verdict()
+    assert out["class"] == "CNV"
+    assert out["driving_frames"] == " ".join(str(n) for n in range(1, 30, 2)[:15])  # 15 CNV frames: all listed
+    tally = VolumeTally(CLASSES)
+    for k in range(50):
+        tally.add(_row("refer") if k >= 5 else _row("error"), frame=k + 1)
+    out = tally.verdict()
+    assert out["verdict"] == "refer" and out["driving_frames"] == " ".join(map(str, range(1, 21))) + " +30 more"
+    tally = VolumeTally(CLASSES)
+    for row in (_row("classify", "NORMAL", 0.3), _row("classify", "DRUSEN", 0.4)):
+        tally.add(row)
+    assert tally.verdict()["verdict"] == "refer" and tally.verdict()["driving_frames"] == "1 2"  # none confident
+
+
+# ------------------------------------------------------------------------------- the HTML report
+
+class _Entries(HTMLParser):
+    """The report's entries (section of each, in order), titles, image sources and hrefs."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.sections, self.titles, self.images, self.links, self._h3 = [], [], [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div" and (a.get("class") or "").startswith("entry "):
+            self.sections.append(a["class"].split()[1])
+        elif tag == "img":
+            self.images.append(a.get("src") or "")
+        elif tag == "h3":
+            self._h3 = ""
+        for key in ("href", "src"):
+            if a.get(key) and tag != "img":
+                self.links.append(a[key])
+
+    def handle_data(self, data):
+        if self._h3 is not None:
+            self._h3 += data
+
+    def handle_endtag(self, tag):
+        if tag == "h3" and self._h3 is not None:
+            self.titles.append(self._h3)
+            self._h3 = None
+
+
+RANK = {key: k for k, (key, _) in enumerate(report_module.SECTIONS)}
+
+
+def test_report_orders_sections_and_escapes_what_comes_from_files(tmp_path):
+    run = {"bundle": "bundles/b<i>", "signature": {"status": "unsigned", "reason": "--allow-unsigned"},
+           "training_data": {"label": "SYNTHETIC data (phantom): not for clinical use", "synthetic": True},
+           "classes": CLASSES, "threshold": 0.5, "referral": None, "model_outputs": ("anomaly_score", "flag")}
+    html_path = tmp_path / "r.html"
+    rep = report_module.HtmlReport(str(html_path), run)
+    probs = [0.1, 0.1, 0.1, 0.7]
+    base = {"class": "NORMAL", "confidence": 0.7, "anomaly_score": 0.1, "error": ""}
+    rep.add({**base, "file": "normal1.png", "verdict": "classify"}, {"probabilities": probs})
+    rep.add({"file": "<script>alert(1)</script>.dcm", "verdict": "error", "class": "", "confidence": "",
+             "anomaly_score": "", "error": "not a DICOM file <img src=x onerror=alert(2)>", "level": "volume"}, None)
+    rep.add({**base, "file": "flagged.png", "verdict": "refer", "anomaly_score": 0.9}, {"probabilities": probs})
+    rep.add({**base, "file": "frame.png", "verdict": "refer", "level": "frame"}, None)  # frames are not entries
+    rep.add({**base, "file": "cnv.png", "verdict": "classify", "class": "CNV"}, None)
+    rep.add({**base, "file": "normal2.png", "verdict": "classify"}, None)
+    rep.close({"classify": 3, "refer": 1, "error": 1})
+    text = html_path.read_text(encoding="utf-8")
+    entries = _Entries(text)
+    assert entries.sections == ["refer", "disease", "error", "rest", "rest"]
+    assert [t.split(" ", 1)[1] for t in entries.titles] == ["flagged.png", "cnv.png", "<script>alert(1)</script>.dcm",
+                                                           "normal1.png", "normal2.png"]
+    assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(2)&gt;" in text and "b&lt;i&gt;" in text
+    assert "SYNTHETIC data (phantom)" in text and 'class="banner"' in text and "NOT VERIFIED" in text
+    assert "only the combined anomaly score" in text
+    assert not [p for p in tmp_path.iterdir() if p.name != "r.html"]  # no temporary file left
+
+
+@pytest.fixture(scope="module")
+def report_run(bundle_dir, series_study, tmp_path_factory):  # noqa: F811
+    """A run over real scans (oct2017_subset JPEGs, one named with <script>), the two-eye series and a
+    corrupt DICOM file, with --out and --report."""
+    real = sorted((REAL_DATA / "val").rglob("*.jpeg"))[::8][:3]
+    if len(real) < 3:
+        pytest.skip("real OCT2017 scans not found")
+    root = tmp_path_factory.mktemp("report")
+    images = root / "images"
+    images.mkdir()
+    for k, src in enumerate(real):
+        name = f"a<script>alert({k}).jpeg" if k == 0 else src.name
+        (images / name).write_bytes(src.read_bytes())
+    (images / "corrupt.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00garbage")
+    out, html_path = root / "r.csv", root / "report.html"
+    assert _main("--bundle", str(bundle_dir), str(images), str(series_study[0]), "--out", str(out),
+                 "--report", str(html_path), "--quiet") == 0
+    return root, out, html_path
+
+
+@pytest.mark.realdata
+def test_html_report_of_a_real_run(bundle_dir, report_run, series_study, tmp_path):  # noqa: F811
+    root, out, html_path = report_run
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    text = html_path.read_text(encoding="utf-8")
+    entries = _Entries(text)
+    assert len(entries.sections) == len(rows) == 6  # 3 images, 1 corrupt file, 2 eyes
+    assert sorted(entries.sections, key=RANK.get) == entries.sections  # referred and disease first
+    assert sorted(entries.sections) == sorted(report_module.section_of(r) for r in rows)
+    assert entries.sections.count("error") == 1 and "corrupt.dcm" in text
+    assert "<script" not in text and "a&lt;script&gt;alert(0).jpeg" in text
+    assert "http://" not in text and "https://" not in text and "url(" not in text
+    assert entries.links and all(link.startswith("#") for link in entries.links)  # in-page only
+    assert len(entries.images) == 5  # every decoded image and volume has its thumbnail
+    for src in entries.images:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as img:
+            assert img.format == "PNG" and max(img.size) <= report_module.THUMBNAIL_SIZE
+    for value in ("DOE", "JANE", "PID-0042", "19500101", "20240131"):
+        assert value not in text, value
+    assert series_study[2]["R"] in text and "eye L" in text  # series UID and laterality are shown
+    assert "SYNTHETIC" in text and "NOT VERIFIED" in text and text.count("the most confident") + text.count(
+        "the highest anomaly score") >= 2
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    # the rows are the same bytes with or without --report, and identifiers appear only when asked for
+    again = tmp_path / "again.csv"
+    assert _main("--bundle", str(bundle_dir), str(root / "images"), str(series_study[0]), "--out", str(again),
+                 "--quiet") == 0
+    assert again.read_bytes() == out.read_bytes()
+    kept = tmp_path / "kept.html"
+    assert _main("--bundle", str(bundle_dir), str(series_study[0]), "--report", str(kept), "--keep-identifiers",
+                 "--quiet") == 0
+    assert "DOE^JANE" in kept.read_text(encoding="utf-8") and "PID-0042" in kept.read_text(encoding="utf-8")
+
+
+def test_bad_report_path_is_refused_before_any_work(tmp_path, capsys):
+    for bad, words in [(tmp_path / "missing" / "r.html", "does not exist"), (tmp_path, "is a folder")]:
+        assert _main("--bundle", str(tmp_path / "no-bundle"), str(tmp_path), "--report", str(bad)) == 2
+        err = capsys.readouterr().err
+        assert f"--report: " in err and words in err and "bundle" not in err and len(err.strip().splitlines()) == 1
+    same = tmp_path / "r.csv"
+    assert _main("--bundle", str(tmp_path / "no-bundle"), str(tmp_path), "--out", str(same), "--report",
+                 str(same)) == 2
+    assert "same file" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_a_headless_browser(report_run, tmp_path):
+    _, _, html_path = report_run
+    png = tmp_path / "shot.png"
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
+                           "--window-size=1280,2000", f"file://{html_path}"],
+                          capture_output=True, text=True, timeout=180)
+    assert png.is_file(), proc.stderr[-2000:]
+    with Image.open(png) as img:
+        arr = np.asarray(img.convert("RGB"))
+    assert arr.shape[:2] == (2000, 1280)
+    assert arr.std() > 20 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 100  # not one flat colour
