@@ -10,7 +10,8 @@ the image preprocessing, the manifest and model contract, signing.
 - ``cli``: the command (options, progress, summary, exit status); ``python -m medrobust_screen``.
 - ``output``: result rows to CSV on standard output, or to a .csv / .json file written atomically.
 - ``screener``: ``Screener``, a checked bundle's LiteRT screening model, one row per image.
-- ``volume``: DICOM OCT volumes (one eye): the worst-class verdict over their B-scans.
+- ``volume``: DICOM OCT volumes (one eye; a multi-frame file or a series of files): the worst-class verdict.
+- ``report``: the self-contained HTML report (--report); thumbnails.
 - ``inputs``: which files a run screens (named files, folders searched recursively).
 - ``manifest``: the checks made before a model is loaded (signature, fields, sha256 of every file).
 - ``signing``: Ed25519 keys and bundle signatures.

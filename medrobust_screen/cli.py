@@ -39,7 +39,15 @@ multi-frame, 8/16-bit, MONOCHROME1/2, rescale/window applied) are read by ``medr
 reported per volume by ``medrobust_screen.volume``: one row per volume (one eye) with the worst-class verdict
 over its B-scans, plus one row per B-scan with --per-frame; patient identifiers are written only
 with --keep-identifiers.  When any DICOM file is among the inputs the rows gain the columns
-``medrobust_screen.volume.DICOM_COLUMNS`` (level, frame, frames, counts, reason, sop_instance_uid, laterality).
+``medrobust_screen.volume.DICOM_COLUMNS`` (level, frame, frames, counts, driving_frames, reason,
+sop_instance_uid, series_instance_uid, files, laterality). The single-frame files of one series
+(SeriesInstanceUID; else StudyInstanceUID + laterality) are one volume, frames ordered by InstanceNumber
+then file path; files whose tags conflict are screened one by one and their reason says why
+(``medrobust_screen.volume.SERIES_RULE``).
+
+``--report report.html`` also writes a self-contained HTML report (``medrobust_screen.report``: no network,
+thumbnails inline, referred and disease cases first), atomically like --out; its path is checked (folder
+exists, not a folder, not the --out file) before the bundle is read.
 
 Folders are searched recursively for files with an image extension or DICOM files (hidden files
 and folders are skipped); files named explicitly are always screened. Images are processed one at a

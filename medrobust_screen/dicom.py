@@ -149,6 +149,8 @@ class DicomVolume:
     """One DICOM image object (an OCT volume or a single B-scan), header read, pixels not yet.
 
     ``frames`` B-scans of ``rows`` x ``columns``; ``iter_frames`` decodes them one at a time.
+    ``series_instance_uid``, ``study_instance_uid`` ("" when absent) and ``instance_number`` (None when
+    absent or not a number) let ``medrobust_screen.volume.plan_series`` group single-frame files.
     """
 
     path: str

@@ -1,6 +1,7 @@
 """One verdict per OCT volume (per eye) from the verdicts of its B-scans, for medrobust-screen.
 
-A DICOM OCT file (see ``medrobust_screen.dicom``) holds one volume: the B-scans of one eye.  Each B-scan is
+A DICOM OCT file (see ``medrobust_screen.dicom``) holds one volume: the B-scans of one eye -- or, when a
+device exports one file per B-scan, a *series* of files does (``SERIES_RULE``).  Each B-scan is
 screened like a 2-D image (verdict ``classify`` with a class and confidence, or ``refer`` when the
 detector flags it, or ``error`` when it cannot be decoded).  The volume gets one row whose verdict
 follows the **worst-class rule**, in this order:
@@ -32,10 +33,26 @@ visible.  The price of "any confident urgent B-scan" is specificity: with 49 B-s
 per-B-scan false-urgent rate f gives up to 1 - (1 - f)**49 false-urgent volumes; raise
 ``--min-confidence`` to trade sensitivity for specificity.
 
+Series.  ``plan_series`` reads the header of every DICOM file (pixel data deferred, never decoded; one
+small ``FileHeader`` kept per file) and groups the files of one series: same SeriesInstanceUID, or without
+one the same StudyInstanceUID and laterality.  A group becomes one volume (``Series``; ``screen_series``
+decodes one frame at a time) when all its files are single-frame, agree on laterality and rows x columns,
+and have distinct SOP Instance UIDs; frames are numbered in InstanceNumber order, then file path (files
+without InstanceNumber after the others).  Otherwise no file of the group is merged: each is screened as
+its own volume (``screen_volume``) and its ``reason`` starts with why ("not merged with the N other files
+of series ...: laterality differs (L: 1 file, R: 2 files)"), and a file repeating an earlier file's SOP
+Instance UID gets an error row naming that file (``duplicate_row``).  Files without series or study tags are
+one volume each, as before.
+
 Rows.  With DICOM inputs the output gains the columns ``DICOM_COLUMNS``: ``level`` (``image``,
-``frame`` or ``volume``), ``frame`` (1-based, frame rows), ``frames``, the counts above, ``reason``
-(why the volume got its verdict), ``sop_instance_uid`` and ``laterality`` (to trace a row to its
-object and eye); with ``--keep-identifiers`` also ``IDENTIFIER_COLUMNS``.  Per-B-scan rows are written
+``frame`` or ``volume``), ``frame`` (1-based, frame rows; in a series, the position in the series),
+``frames``, the counts above, ``driving_frames`` (the frames that decided the verdict: the confident
+B-scans of its class for classify, the flagged and unreadable ones for refer -- the unsure ones when there
+are none -- the unreadable ones for error; at most ``MAX_LISTED_FRAMES`` numbers, then "+N more"),
+``reason`` (why the volume got its verdict), ``sop_instance_uid`` (empty for a series row),
+``series_instance_uid``, ``files`` (how many files the volume came from) and ``laterality`` (to trace a row
+to its objects and eye); a series row's ``file`` is the common folder of its files, its B-scan rows name
+their own file; with ``--keep-identifiers`` also ``IDENTIFIER_COLUMNS`` (a series: its first file's).  Per-B-scan rows are written
 (before their volume row) only with ``--per-frame``.  For a volume row, ``confidence`` is the highest
 confidence among the confident B-scans of its class and ``anomaly_score`` the highest score of any
 decoded B-scan.  With a bundle's referral threshold, a volume's ``p_disease`` is the highest of its
@@ -43,7 +60,10 @@ decoded B-scans (flagged ones included: the detector's verdict is reported separ
 screens positive when any B-scan does; per-volume sensitivity is then at least the per-B-scan one the
 threshold was chosen for, and specificity lower.
 
-No TensorFlow here: numpy, the standard library and ``medrobust_screen.dicom``.
+With ``details`` (``--report``) a volume row also carries ``report.DETAIL_KEY``: the probabilities and a
+128 px thumbnail of the B-scan that drove the verdict (``Evidence``; ``report.THUMBNAIL_RULE``).
+
+No TensorFlow here: numpy, the standard library, ``medrobust_screen.dicom`` and ``medrobust_screen.report``.
 """
 
 from __future__ import annotations

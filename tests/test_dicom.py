@@ -31,7 +31,8 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,  # noqa: E402
                          generate_uid)
-from test_runtime import ENV, IMAGE_SIZE, NO_TF, REAL_DATA, bundle_dir, keys, run_dir  # noqa: E402,F401  (fixtures)
+from test_runtime import (ENV, IMAGE_SIZE, NO_TF, REAL_DATA, bundle_dir, keys, referral_bundle,  # noqa: E402,F401
+                          run_dir)  # (fixtures)
 
 from export import dicom  # noqa: E402
 from export.volume import VolumeTally, severity_order  # noqa: E402
@@ -761,7 +762,7 @@ def test_bad_report_path_is_refused_before_any_work(tmp_path, capsys):
     for bad, words in [(tmp_path / "missing" / "r.html", "does not exist"), (tmp_path, "is a folder")]:
         assert _main("--bundle", str(tmp_path / "no-bundle"), str(tmp_path), "--report", str(bad)) == 2
         err = capsys.readouterr().err
-        assert f"--report: " in err and words in err and "bundle" not in err and len(err.strip().splitlines()) == 1
+        assert "--report: " in err and words in err and "bundle" not in err and len(err.strip().splitlines()) == 1
     same = tmp_path / "r.csv"
     assert _main("--bundle", str(tmp_path / "no-bundle"), str(tmp_path), "--out", str(same), "--report",
                  str(same)) == 2
@@ -781,3 +782,26 @@ def test_report_renders_in_a_headless_browser(report_run, tmp_path):
         arr = np.asarray(img.convert("RGB"))
     assert arr.shape[:2] == (2000, 1280)
     assert arr.std() > 20 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 100  # not one flat colour
+
+
+@pytest.mark.realdata
+def test_referral_columns_for_a_series_volume(referral_bundle, series_study, tmp_path):  # noqa: F811
+    """p_disease of a series volume = the highest of its B-scans (as for a multi-frame file); the report shows it."""
+    from medrobust_screen.screener import Screener
+
+    root, jpegs, _ = series_study
+    out, html_path = tmp_path / "r.csv", tmp_path / "r.html"
+    assert _main("--bundle", str(referral_bundle), str(root), "--out", str(out), "--report", str(html_path),
+                 "--quiet") == 0
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {"p_disease", "disease_screen"} <= set(rows[0])
+    screener = Screener(referral_bundle, allow_unsigned=True)
+    for row in rows:
+        tally = VolumeTally(screener.classes, 0.5, screener.referral_threshold)
+        for jpeg in jpegs[row["laterality"]]:
+            tally.add(screener.screen_file(str(jpeg)))
+        want = tally.verdict()
+        assert float(row["p_disease"]) == want["p_disease"] and row["disease_screen"] == want["disease_screen"]
+    text = html_path.read_text(encoding="utf-8")
+    assert "positive when &ge; 0.74" in text and text.count("(p_disease ") == 2
