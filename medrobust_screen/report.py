@@ -228,12 +228,13 @@ class HtmlReport:
                          + _e(NO_PART_SCORES.format(outputs=", ".join(run.get("model_outputs", ())) or "?"))),
             ("referral", (f"p_disease = 1 &minus; P(NORMAL); positive when &ge; {_fmt(referral['threshold'], 6)}"
                           if referral else "this bundle has no referral operating point")),
-            ("volumes", _e(run.get("volume_rule", "")) + (f" (min confidence {_fmt(run['min_confidence'])})"
-                                                          if run.get("min_confidence") is not None else "")),
             ("thumbnails", _e(THUMBNAIL_RULE)),
             ("patient identifiers", "kept (--keep-identifiers)" if run.get("keep_identifiers") else
              "left out (SOP/Series Instance UIDs and laterality are shown)"),
         ]
+        if run.get("volume_rule"):  # DICOM inputs
+            facts.insert(7, ("volumes", _e(run["volume_rule"]) + (f" (min confidence {_fmt(run['min_confidence'])})"
+                                                                  if run.get("min_confidence") is not None else "")))
         counts = " &middot; ".join(f'<a href="#{k}">{_e(t.split(" (")[0])}: {self.counts[k]}</a>'
                                    for k, t in SECTIONS)
         totals = ", ".join(f"{_e(k)} {_e(v)}" for k, v in summary.items())

@@ -805,3 +805,26 @@ def test_referral_columns_for_a_series_volume(referral_bundle, series_study, tmp
         assert float(row["p_disease"]) == want["p_disease"] and row["disease_screen"] == want["disease_screen"]
     text = html_path.read_text(encoding="utf-8")
     assert "positive when &ge; 0.74" in text and text.count("(p_disease ") == 2
+
+
+@pytest.mark.realdata
+def test_grouping_reads_headers_only(series_study, monkeypatch):
+    """plan_series must not decode (or even read) pixel data: every pixel reader is made to fail."""
+    from medrobust_screen import volume as volume_module
+
+    root, jpegs, uids = series_study
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pixel data read while grouping")
+
+    monkeypatch.setattr(pydicom.pixels, "iter_pixels", refuse)
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", refuse)
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(refuse))
+    paths = sorted(str(p) for p in root.iterdir())
+    plan = volume_module.plan_series(paths)
+    series = {id(p.series): p.series for p in plan.values()}
+    assert len(plan) == 10 and len(series) == 2
+    for s in series.values():
+        assert s.series_instance_uid == uids[s.laterality] and len(s.paths) == 5
+        numbers = [int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) for p in s.paths]
+        assert numbers == [1, 2, 3, 4, 5]
