@@ -698,7 +698,7 @@ def test_report_orders_sections_and_escapes_what_comes_from_files(tmp_path):
     assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "<img src=x" not in text and "&lt;img src=x onerror=alert(2)&gt;" in text and "b&lt;i&gt;" in text
     assert "SYNTHETIC data (phantom)" in text and 'class="banner"' in text and "NOT VERIFIED" in text
-    assert "only the combined anomaly score" in text
+    assert "only the combined anomaly score" in text and "volumes</th>" not in text  # no DICOM in this run
     assert not [p for p in tmp_path.iterdir() if p.name != "r.html"]  # no temporary file left
 
 
@@ -744,6 +744,7 @@ def test_html_report_of_a_real_run(bundle_dir, report_run, series_study, tmp_pat
     for value in ("DOE", "JANE", "PID-0042", "19500101", "20240131"):
         assert value not in text, value
     assert series_study[2]["R"] in text and "eye L" in text  # series UID and laterality are shown
+    assert "volumes</th>" in text and "SeriesInstanceUID" in text  # the volume and series rules
     assert "SYNTHETIC" in text and "NOT VERIFIED" in text and text.count("the most confident") + text.count(
         "the highest anomaly score") >= 2
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
