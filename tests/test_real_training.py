@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 
 EPOCHS, IMAGE_SIZE = 40, 48
-BOUND = 0.70  # clean accuracy on the 396 test scans; measured 0.828 (seed 0, 2 shared cores)
-SENSITIVITY_BOUND = 0.5  # every class, rare ones included (measured >= 0.79); a majority-class model scores 0
+BOUND = 0.70  # clean accuracy on the 396 test scans; measured 0.818-0.828 (seed 0, 2 shared cores)
+SENSITIVITY_BOUND = 0.55  # every class, rare ones included (measured in two runs: DRUSEN 0.64 / 0.72, the
+# others >= 0.79); a majority-class model scores 0 on three of them
+BALANCED_BOUND = 0.70  # mean of the per-class sensitivities (measured 0.79 / 0.80)
+REFERRAL_BOUND = 0.85  # disease-vs-NORMAL sensitivity on test at the threshold chosen on val for 0.95
+# (measured 0.933, specificity 0.925)
 
 
 def _kermany() -> Path:
@@ -53,3 +57,11 @@ def test_short_real_training_run_learns_every_class(tmp_path, report):
     assert metrics["n_test"] == 396 and not metrics["synthetic_data"]
     assert accuracy >= BOUND
     assert min(sensitivity.values()) >= SENSITIVITY_BOUND, sensitivity
+    assert sum(sensitivity.values()) / len(sensitivity) >= BALANCED_BOUND, sensitivity
+    # The referral operating point: chosen on val (never on test), carried by the run, met on unseen patients.
+    referral = metrics["referral"]
+    assert referral["chosen_on"] == "val" and referral["target_sensitivity"] == 0.95
+    assert referral["val"]["sensitivity"] >= 0.95 and 0.0 < referral["threshold"] < 1.0
+    report(f"referral at P(disease) >= {referral['threshold']:.3f} (chosen on val): test sensitivity "
+           f"{referral['test']['sensitivity']:.3f}, specificity {referral['test']['specificity']:.3f}")
+    assert referral["test"]["sensitivity"] >= REFERRAL_BOUND, referral["test"]
