@@ -30,7 +30,7 @@ per-channel int8 weights):
   with denylisted ops and nodes). The float32 layers' large weights (``tflite_compact.MIN_ELEMENTS``
   values or more: the whitening matrix, not the first convolution or the logits) are then stored as
   per-channel int8 with a DEQUANTIZE op in front (weight-only int8: float32 compute on float32
-  activations, only the stored weights rounded; ``compact_weights=False`` keeps them float32).
+  activations, only the stored weights rounded; ``compact=False`` keeps them float32).
 * ``int8_scope="full"``: full-integer, ``TFLITE_BUILTINS_INT8`` only (conversion fails rather than
   leave a float op inside): for integer-only accelerators; scores and near-ties are then coarser.
 
@@ -62,13 +62,14 @@ SIGNATURE_KEY = "serving_default"
 
 
 def to_tflite(model, quantize: str = "none", calibration: np.ndarray | None = None,
-              int8_scope: str = "mixed", compact_weights: bool = True) -> bytes:
+              int8_scope: str = "mixed", compact: bool = True) -> bytes:
     """Convert a Keras model (image -> dict outputs) to a TFLite flatbuffer.
 
     quantize: 'none' (float32), 'float16' (float16 weights, float32 compute and I/O) or 'int8'
     (float32 I/O, int8 inside as `int8_scope` says; needs `calibration`, float32 images
-    [n, s, s, 1] in [0, 1]). compact_weights (int8, scope mixed): store the float32 layers' large
-    weights as weight-only int8 (see the module docstring). Keras 3 models go through an ExportArchive SavedModel (the path
+    [n, s, s, 1] in [0, 1]). compact (int8): write the model smaller with export.tflite_compact
+    (repeated vectors once; with scope mixed, the float32 layers' large weights as weight-only int8);
+    False returns the converter's own bytes. Keras 3 models go through an ExportArchive SavedModel (the path
     TensorFlow documents for Keras 3): converting a tf.function that closes over Keras variables
     leaves READ_VARIABLE ops in the graph, which int8 calibration cannot run.
     """
@@ -95,7 +96,7 @@ def to_tflite(model, quantize: str = "none", calibration: np.ndarray | None = No
                 from export import tflite_compact
 
                 content = _int8(converter, calibration, int8_scope, tmp)
-                return tflite_compact.compact(content, weight_only_int8=compact_weights and int8_scope == "mixed")
+                return tflite_compact.compact(content, weight_only_int8=int8_scope == "mixed") if compact else content
             return converter.convert()
 
 

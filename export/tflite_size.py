@@ -14,6 +14,8 @@ import hashlib
 import sys
 from collections import defaultdict
 
+import numpy as np
+
 
 def _schema():
     try:
@@ -34,7 +36,9 @@ def _name(value) -> str:
 def breakdown(content: bytes, top: int = 8) -> dict:
     """{'bytes', 'constants': {tensor type: bytes}, 'constant_bytes', 'largest': [(name, type, shape, bytes)],
     'duplicate_bytes' (bytes of buffers whose content another buffer already holds), 'metadata': {name: bytes},
-    'signature_defs', 'tensors', 'operators', 'other_bytes' (structure)} for a TFLite flatbuffer."""
+    'signature_defs', 'tensors', 'operators', 'other_bytes' (structure: everything else), 'tensor_name_bytes'
+    and 'quantization_vector_bytes' (scales, zero points, min/max, as numbers: vectors stored once for
+    several tensors count once per tensor)} for a TFLite flatbuffer."""
     if not isinstance(content, (bytes, bytearray)) or len(content) < 8 or content[4:8] != b"TFL3":
         raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
     schema = _schema()
@@ -51,11 +55,16 @@ def breakdown(content: bytes, top: int = 8) -> dict:
         return int(getattr(buf, "size", 0) or 0)  # data stored outside the flatbuffer tables
 
     owner: dict[int, tuple] = {}
-    n_tensors = n_ops = 0
+    n_tensors = n_ops = names = quantization = 0
     for subgraph in model.subgraphs or []:
         n_ops += len(subgraph.operators or [])
         for tensor in subgraph.tensors or []:
             n_tensors += 1
+            names += len(tensor.name or b"")
+            q = tensor.quantization
+            for field in ("scale", "zeroPoint", "min", "max") if q is not None else ():
+                values = getattr(q, field)
+                quantization += 0 if values is None else int(np.asarray(values).nbytes)
             if buffer_bytes(tensor.buffer) and tensor.buffer not in owner:
                 owner[tensor.buffer] = (_name(tensor.name), types.get(tensor.type, str(tensor.type)),
                                         [int(d) for d in (tensor.shape if tensor.shape is not None else [])])
@@ -76,17 +85,19 @@ def breakdown(content: bytes, top: int = 8) -> dict:
     return {"bytes": len(content), "constants": dict(sorted(constants.items(), key=lambda kv: -kv[1])),
             "constant_bytes": constant_bytes, "largest": largest[:top], "duplicate_bytes": duplicate,
             "metadata": metadata, "signature_defs": len(model.signatureDefs or []), "tensors": n_tensors,
+            "tensor_name_bytes": names, "quantization_vector_bytes": quantization,
             "operators": n_ops, "other_bytes": len(content) - constant_bytes - sum(metadata.values())}
 
 
 def format_breakdown(name: str, b: dict, top: int = 5) -> list[str]:
     """Printable lines for one breakdown()."""
     kib = lambda n: f"{n / 1024:.1f} KiB"  # noqa: E731
-    lines = [f"{name}: {kib(b['bytes'])}; constants {kib(b['constant_bytes'])} ("
-             + ", ".join(f"{k} {kib(v)}" for k, v in b["constants"].items()) + f"); metadata "
-             + (", ".join(f"{k} {v} B" for k, v in b["metadata"].items()) or "none")
-             + f"; structure {kib(b['other_bytes'])} ({b['tensors']} tensors, {b['operators']} ops); "
-             f"duplicated constants {kib(b['duplicate_bytes'])}"]
+    constants = ", ".join(f"{k} {kib(v)}" for k, v in b["constants"].items())
+    metadata = ", ".join(f"{k} {v} B" for k, v in b["metadata"].items()) or "none"
+    lines = [f"{name}: {kib(b['bytes'])}; constants {kib(b['constant_bytes'])} ({constants}); "
+             f"structure {kib(b['other_bytes'])} ({b['tensors']} tensors, {b['operators']} ops; names "
+             f"{kib(b['tensor_name_bytes'])}, quantization vectors {kib(b['quantization_vector_bytes'])}); "
+             f"metadata {metadata}; duplicated constants {kib(b['duplicate_bytes'])}"]
     for tensor, kind, shape, size in b["largest"][:top]:
         lines.append(f"    {kib(size):>10s}  {kind:8s} {str(shape):18s} {tensor[:90]}")
     return lines
