@@ -43,6 +43,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import numpy as np  # noqa: E402
 
+# This checkout's packages (export, medrobust, medrobust_screen), not whichever one the environment installed.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path[:1]:
+    sys.path.insert(0, str(REPO))
+
 REAL_DATA = Path(os.environ.get("MEDROBUST_DATA", "/nonexistent")) / "oct2017_subset"
 if not REAL_DATA.is_dir():
     REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oct2017_subset"
@@ -157,7 +162,7 @@ def _train_run(out: Path, width: int) -> None:
            "--label-fraction", "1.0", "--epochs", "1", "--width", str(width), "--out", str(out),
            "--progress", "false", "--detector", "true" if have_detector else "false"]
     print(f"training a throwaway run: {' '.join(cmd[2:])}", flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
 
 
 def _has_detector() -> bool:
@@ -178,7 +183,8 @@ def _screen_throughput(bundle: Path, folder: Path, copies: int, public_key: Path
         cmd = [sys.executable, "-m", "medrobust_screen"]  # this checkout's runtime (the console script may be another's)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd + ["--bundle", str(bundle), "--trusted-key", str(public_key), str(tree),
-                                     "--out", str(Path(tmp) / "r.csv")], capture_output=True, text=True)
+                                     "--out", str(Path(tmp) / "r.csv")], capture_output=True, text=True,
+                              cwd=REPO)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
