@@ -30,7 +30,9 @@ per-channel int8 weights):
   with denylisted ops and nodes). The float32 layers' large weights (``tflite_compact.MIN_ELEMENTS``
   values or more: the whitening matrix, not the first convolution or the logits) are then stored as
   per-channel int8 with a DEQUANTIZE op in front (weight-only int8: float32 compute on float32
-  activations, only the stored weights rounded; ``compact=False`` keeps them float32).
+  activations, only the stored weights rounded; the channels, output or input, whose model outputs on
+  ``COMPACT_IMAGES`` calibration images stay closest to the float32-weight model's; ``compact=False``
+  keeps them float32).
 * ``int8_scope="full"``: full-integer, ``TFLITE_BUILTINS_INT8`` only (conversion fails rather than
   leave a float op inside): for integer-only accelerators; scores and near-ties are then coarser.
 
@@ -59,6 +61,7 @@ FLOAT_OPS = ("SOFTMAX", "LOG_SOFTMAX", "ADD", "SUB", "MUL", "DIV", "NEG", "SQUAR
              "BATCH_MATMUL", "GREATER", "GREATER_EQUAL", "LESS", "LESS_EQUAL", "CAST", "SELECT", "SELECT_V2",
              "RESHAPE", "EXPAND_DIMS", "SQUEEZE")
 SIGNATURE_KEY = "serving_default"
+COMPACT_IMAGES = 256  # calibration images that choose each weight-only int8 weight's channel axis
 
 
 def to_tflite(model, quantize: str = "none", calibration: np.ndarray | None = None,
@@ -96,7 +99,10 @@ def to_tflite(model, quantize: str = "none", calibration: np.ndarray | None = No
                 from export import tflite_compact
 
                 content = _int8(converter, calibration, int8_scope, tmp)
-                return tflite_compact.compact(content, weight_only_int8=int8_scope == "mixed") if compact else content
+                if not compact:
+                    return content
+                return tflite_compact.compact(content, weight_only_int8=int8_scope == "mixed",
+                                              calibration=np.asarray(calibration[:COMPACT_IMAGES], np.float32))
             return converter.convert()
 
 

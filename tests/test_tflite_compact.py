@@ -59,7 +59,7 @@ def test_float_layer_weights_are_stored_int8_and_computed_in_float(models):
         if weight in producer and producer[weight][0] == "DEQUANTIZE":
             source = tensors[int(producer[weight][1].inputs[0])]
             assert source.type == schema.TensorType.INT8
-            assert len(source.quantization.scale) == 64 and source.quantization.quantizedDimension == 0
+            assert source.quantization.quantizedDimension in (0, 1) and len(source.quantization.scale) == 64
             assert tensors[weight].type == schema.TensorType.FLOAT32  # the layer computes in float32
             assert tensors[int(op.inputs[0])].type == schema.TensorType.FLOAT32
             assert len(model.buffers[tensors[weight].buffer].data or []) == 0  # no float32 copy left
@@ -79,6 +79,32 @@ def test_float_layer_weights_are_stored_int8_and_computed_in_float(models):
     # Only the stored weights moved (half an int8 step per channel): the score stays close to the float-weight model.
     assert np.max(np.abs(compact - plain) / np.maximum(np.abs(plain), 1e-6)) < 0.02
     assert np.max(np.abs(compact - ref) / np.maximum(np.abs(ref), 1e-6)) < 0.2
+
+
+def test_channel_axis_is_the_one_with_the_smaller_output_error(models):
+    """With calibration images, each weight is quantized along the channel axis (output or input channels)
+    whose model outputs stay closest to the float32-weight model's; without, along the output channels."""
+    from export.tflite_compact import _candidates, _output_error, _outputs, _rewrite, compact
+    from export.tflite_size import _schema
+
+    schema = _schema()
+    calib = models["x"]
+    ((key, options),) = _candidates(schema, models["plain"], 1024).items()
+    assert options == (0, 1)
+    reference = _outputs(models["plain"], calib)
+    errors = {a: _output_error(reference, _outputs(_rewrite(schema, models["plain"], 1024, {key: a}), calib))
+              for a in options}
+    assert errors[0] != errors[1]  # the axis matters
+
+    def axis_of(content):
+        model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+        (dim,) = [t.quantization.quantizedDimension for t in model.subgraphs[0].tensors if (t.name or b"").endswith(b"/int8")]
+        return dim
+
+    assert axis_of(compact(models["plain"], calibration=calib)) == min(errors, key=errors.get)
+    assert axis_of(compact(models["plain"])) == 0
+    with pytest.raises(ValueError, match="calibration"):
+        compact(models["plain"], calibration=np.zeros((0, SIZE, SIZE, 1), np.float32))
 
 
 def test_sharing_vectors_is_lossless(models):
