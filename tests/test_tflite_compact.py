@@ -146,3 +146,42 @@ def test_size_breakdown_adds_up(models, tmp_path, capsys):
     assert "constants" in capsys.readouterr().out
     (tmp_path / "bad.tflite").write_bytes(b"junk")
     assert main([str(tmp_path / "bad.tflite")]) == 1
+
+
+def test_every_layer_op_runs_with_int8_stored_weights():
+    """CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV and FULLY_CONNECTED read a DEQUANTIZE output as their weight,
+    with and without LiteRT's default delegate (XNNPACK): a float32 model with every weight rewritten."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from keras import layers, ops
+
+    from export import converters
+    from export.tflite_compact import _op_name, compact
+    from export.tflite_size import _schema
+
+    keras.utils.set_random_seed(1)
+    image = keras.Input((SIZE, SIZE, 1), name="image")
+    h = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(image)
+    h = layers.DepthwiseConv2D(3, padding="same")(h)
+    h = layers.Conv2DTranspose(8, 3, strides=2, padding="same")(h)
+    v = layers.Dense(8)(layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(image, {"score": ops.mean(ops.square(h - image), axis=(1, 2, 3)) + ops.sum(v, axis=-1)})
+    model.export_image_size, model.export_outputs = SIZE, ["score"]
+    flat = converters.to_tflite(model, "none")
+    x = np.random.default_rng(1).uniform(0, 1, (16, SIZE, SIZE, 1)).astype(np.float32)
+    small = compact(flat, min_elements=16, calibration=x)
+    schema = _schema()
+    graph = schema.ModelT.InitFromPackedBuf(bytearray(small), 0)
+    producer = {int(o): _op_name(schema, graph, op) for op in graph.subgraphs[0].operators for o in op.outputs}
+    fed = {_op_name(schema, graph, op) for op in graph.subgraphs[0].operators
+           if len(op.inputs) > 1 and producer.get(int(op.inputs[1])) == "DEQUANTIZE"}
+    assert fed == {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED"}
+    from export.tflite_size import breakdown
+
+    before, after = breakdown(flat)["constants"], breakdown(small)["constants"]
+    assert after["int8"] >= (16 * 9 + 16 * 9 + 8 * 9 * 16 + 8 * 8) and after["float32"] < before["float32"] / 3
+    assert len(small) < len(flat)
+    for resolver in (OpResolverType.AUTO, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES):
+        a = Interpreter(model_content=flat, experimental_op_resolver_type=resolver).get_signature_runner()(image=x)
+        b = Interpreter(model_content=small, experimental_op_resolver_type=resolver).get_signature_runner()(image=x)
+        np.testing.assert_allclose(b["score"], a["score"], rtol=2e-2, atol=1e-3)
