@@ -7,8 +7,14 @@ Without --run it trains a throwaway run first (phantom, standard, 1 epoch, the d
 small CNN, with the UAD detector when medrobust.detection provides one). A run without detector/
 gets a stand-in detector (the UAD autoencoder, reconstruction-MSE score) so the fused model has the
 same shape of graph. Everything runs on 1 thread: LiteRT with num_threads=1, TensorFlow with one
-intra-op and one inter-op thread. Prints one table; goals: int8 screening.tflite <= 0.3x the float32
-size, >= 20x faster per image than Keras `model.predict` on one image.
+intra-op and one inter-op thread. Prints the CPU (model, vector extensions) and the load average first,
+then one table; goals: int8 screening.tflite <= 0.3x the float32 size, >= 20x faster per image than
+Keras `model.predict` on one image.
+
+Sizes: the run is exported twice, as the default int8 bundle and as a float32 bundle (--quantize none),
+and every .tflite file of one is compared with the same file of the other (and the three together);
+then where the bytes of each screening.tflite go (export.tflite_size: constants by tensor type, the
+largest constants, quantization parameters and names, metadata).
 
 DICOM volumes: 49-B-scan OCT volumes are written with pydicom from real Kermany test B-scans (the frames
 come from different patients: real B-scans, not a real volume; random frames, said SYNTHETIC, if the data
@@ -37,6 +43,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import numpy as np  # noqa: E402
 
+# This checkout's packages (export, medrobust, medrobust_screen), not whichever one the environment installed.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path[:1]:
+    sys.path.insert(0, str(REPO))
+
 REAL_DATA = Path(os.environ.get("MEDROBUST_DATA", "/nonexistent")) / "oct2017_subset"
 if not REAL_DATA.is_dir():
     REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oct2017_subset"
@@ -61,6 +72,59 @@ class AutoencoderStandIn:
 
         inp = keras.Input(self.autoencoder.input_shape[1:], name="image")
         return keras.Model(inp, {"combined": ops.mean(ops.square(self.autoencoder(inp) - inp), axis=(1, 2, 3))})
+
+
+def cpu_report() -> list[str]:
+    """benchmarks/attacks.py's CPU lines (model, vector extensions, oneDNN setting); imports no TensorFlow."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_attacks", Path(__file__).resolve().parent / "attacks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cpu_report()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover - no getloadavg
+        return "unknown"
+
+
+def size_table(int8_bundle: Path, float_bundle: Path) -> dict:
+    """{file: {'int8': bytes, 'float32': bytes, 'ratio'}} for the .tflite files both bundles hold, plus
+    'all .tflite' (their sums), and the breakdown of each screening.tflite."""
+    from export.tflite_size import breakdown
+
+    rows = {}
+    for path in sorted(int8_bundle.glob("*.tflite")):
+        other = float_bundle / path.name
+        if other.exists():
+            a, b = path.stat().st_size, other.stat().st_size
+            rows[path.name] = {"int8": a, "float32": b, "ratio": a / b}
+    if not rows:
+        raise RuntimeError(f"{int8_bundle} and {float_bundle} hold no .tflite file in common")
+    a, b = sum(r["int8"] for r in rows.values()), sum(r["float32"] for r in rows.values())
+    rows["all .tflite"] = {"int8": a, "float32": b, "ratio": a / b}
+    details = {}
+    for label, bundle in (("int8", int8_bundle), ("float32", float_bundle)):
+        d = breakdown((bundle / "screening.tflite").read_bytes())
+        d["largest"] = [{"tensor": n, "type": t, "shape": sh, "bytes": size} for n, t, sh, size in d["largest"]]
+        details[label] = d
+    return {"files": rows, "screening_breakdown": details}
+
+
+def print_sizes(sizes: dict) -> None:
+    from export.tflite_size import format_breakdown
+
+    print("\nsizes, int8 bundle against the float32 bundle of the same run (goal <= 0.3x)")
+    for name, r in sizes["files"].items():
+        print(f"  {name:18s} {r['int8'] / 1024:8.1f} KiB / {r['float32'] / 1024:8.1f} KiB = {r['ratio']:.3f}x   "
+              f"{'met' if r['ratio'] <= 0.3 else 'NOT met'}")
+    for label, d in sizes["screening_breakdown"].items():
+        rows = [(x["tensor"], x["type"], x["shape"], x["bytes"]) for x in d["largest"]]
+        for line in format_breakdown(f"  {label} screening.tflite", {**d, "largest": rows}, top=4):
+            print(line)
 
 
 def _median_ms(fn, repeats: int, warmup: int = 5) -> float:
@@ -98,7 +162,7 @@ def _train_run(out: Path, width: int) -> None:
            "--label-fraction", "1.0", "--epochs", "1", "--width", str(width), "--out", str(out),
            "--progress", "false", "--detector", "true" if have_detector else "false"]
     print(f"training a throwaway run: {' '.join(cmd[2:])}", flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
 
 
 def _has_detector() -> bool:
@@ -119,7 +183,8 @@ def _screen_throughput(bundle: Path, folder: Path, copies: int, public_key: Path
         cmd = [sys.executable, "-m", "medrobust_screen"]  # this checkout's runtime (the console script may be another's)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd + ["--bundle", str(bundle), "--trusted-key", str(public_key), str(tree),
-                                     "--out", str(Path(tmp) / "r.csv")], capture_output=True, text=True)
+                                     "--out", str(Path(tmp) / "r.csv")], capture_output=True, text=True,
+                              cwd=REPO)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
@@ -264,13 +329,23 @@ def main(argv=None) -> int:
     if args.dicom_only:
         if not args.bundle:
             parser.error("--dicom-only needs --bundle")
+        if not args.quiet_table:
+            for line in cpu_report():
+                print(line)
+            print(f"load average at the start (1, 5, 15 min): {load_average()}", flush=True)
         figures = dicom_volume_benchmark(Path(args.bundle), args.volume_repeats)
+        figures["load_average_end"] = load_average()
         if not args.quiet_table:
             print_dicom(figures)
+            print(f"load average at the end: {figures['load_average_end']}")
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return 0
 
+    for line in cpu_report():
+        print(line)
+    load_before = load_average()
+    print(f"load average at the start (1, 5, 15 min): {load_before}", flush=True)
     from medrobust.cli import import_tensorflow
 
     tf = import_tensorflow()  # without TensorFlow's CPU start-up noise (cuInit)
@@ -283,7 +358,7 @@ def main(argv=None) -> int:
     from medrobust.io import read_json
     from medrobust.models import load_classifier
 
-    from export import converters, screening
+    from export import screening
     from export.bundle import export_bundle, load_detector
     from medrobust_screen.signing import generate_keypair
 
@@ -306,11 +381,14 @@ def main(argv=None) -> int:
         private_key, public_key, _ = generate_keypair(tmp / "throwaway-key")
         export_bundle(run, bundle, quantize="int8", data=data, detector=detector, signing_key=private_key,
                       log=lambda m: None)
+        float_bundle = tmp / "bundle-float32"
+        export_bundle(run, float_bundle, quantize="none", data=data, detector=detector, log=lambda m: None)
+        sizes = size_table(bundle, float_bundle)
         fused = screening.screening_model(classifier, detector)
-        float_tflite = converters.to_tflite(fused, "none")
+        float_tflite = (float_bundle / "screening.tflite").read_bytes()
         int8_tflite = (bundle / "screening.tflite").read_bytes()
         clf_int8 = (bundle / "classifier.tflite").stat().st_size
-        clf_float = len(converters.to_tflite(screening.classifier_model(classifier), "none"))
+        clf_float = (float_bundle / "classifier.tflite").stat().st_size
 
         x = data["test"][0][:1]
         lat_int8 = _tflite_latency(int8_tflite, x, args.repeats)
@@ -339,6 +417,8 @@ def main(argv=None) -> int:
         dicom_figures = _dicom_subprocess(bundle, args.volume_repeats)
 
     figures = {
+        "cpu": cpu_report(), "load_average_start": load_before, "load_average_end": load_average(),
+        "sizes": sizes,
         "keras": keras.__version__, "tensorflow": tf.__version__, "image_size": size,
         "classifier_params": int(classifier.count_params()), "detector": kind,
         "size_bytes": {"screening_int8": len(int8_tflite), "screening_float32": len(float_tflite),
@@ -372,7 +452,9 @@ def main(argv=None) -> int:
           f"({m['wall_images_per_s']:.1f} images/s counting start-up and the bundle checks)")
     print(f"  bundle checks at start-up      {m['bundle_open_ms_signature_sha256_threshold_checks']:9.1f} ms   "
           "(signature, sha256 of every file, threshold probe, model load)")
+    print_sizes(sizes)
     print_dicom(dicom_figures)
+    print(f"\nload average (1, 5, 15 min): {load_before} at the start, {figures['load_average_end']} at the end")
     if args.json:
         from medrobust.io import atomic_write_json
 

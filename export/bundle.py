@@ -449,7 +449,7 @@ def _referral(point: dict) -> dict:
 def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_source, threshold, entries, onnx,
               opset) -> dict:
     from medrobust.io import package_versions
-    from export import converters
+    from export import converters, tflite_compact
 
     image_size = int(config["image_size"])
     classifier_hash = _sha256(run_dir / "classifier.keras")
@@ -463,6 +463,11 @@ def _manifest(run_dir, out_dir, config, quantize, int8_scope, calib, calib_sourc
                 "int8_scope": int8_scope,
                 "float_op_types": [] if int8_scope == "full" else list(converters.FLOAT_OPS),
                 "float_layers": "none" if int8_scope == "full" else "the first layer(s) reading the raw image and the last layer(s) before the outputs",
+                "float_layer_weights": "none" if int8_scope == "full" else (
+                    f"weights of {tflite_compact.MIN_ELEMENTS}+ values stored as per-channel symmetric int8 (output "
+                    "or input channels, whichever keeps the outputs on calibration images closer to the float32 "
+                    "weights) and dequantized to float32 in the model (weight-only int8, float32 compute); smaller "
+                    "ones float32"),
                 "io_dtype": "float32",
             },
             "calibration": {"images": int(len(calib)), "source": calib_source, "seed": int(config.get("seed", 0))},

@@ -27,9 +27,17 @@ per-channel int8 weights):
     most of its precision (scores moved by ~20% of their range), and an int8 softmax ties
     near-equal probabilities at 1/256 steps.
   Implemented with TFLite selective quantization (``tf.lite.experimental.QuantizationDebugger``
-  with denylisted ops and nodes).
+  with denylisted ops and nodes). The float32 layers' large weights (``tflite_compact.MIN_ELEMENTS``
+  values or more: the whitening matrix, not the first convolution or the logits) are then stored as
+  per-channel int8 with a DEQUANTIZE op in front (weight-only int8: float32 compute on float32
+  activations, only the stored weights rounded; the channels, output or input, whose model outputs on
+  ``COMPACT_IMAGES`` calibration images stay closest to the float32-weight model's; ``compact=False``
+  keeps them float32).
 * ``int8_scope="full"``: full-integer, ``TFLITE_BUILTINS_INT8`` only (conversion fails rather than
   leave a float op inside): for integer-only accelerators; scores and near-ties are then coarser.
+
+Every int8 model is written again with each repeated quantization vector stored once (lossless;
+export.tflite_compact), which removes most of the per-channel zero-point and scale bytes.
 """
 
 from __future__ import annotations
@@ -53,15 +61,18 @@ FLOAT_OPS = ("SOFTMAX", "LOG_SOFTMAX", "ADD", "SUB", "MUL", "DIV", "NEG", "SQUAR
              "BATCH_MATMUL", "GREATER", "GREATER_EQUAL", "LESS", "LESS_EQUAL", "CAST", "SELECT", "SELECT_V2",
              "RESHAPE", "EXPAND_DIMS", "SQUEEZE")
 SIGNATURE_KEY = "serving_default"
+COMPACT_IMAGES = 256  # calibration images that choose each weight-only int8 weight's channel axis
 
 
 def to_tflite(model, quantize: str = "none", calibration: np.ndarray | None = None,
-              int8_scope: str = "mixed") -> bytes:
+              int8_scope: str = "mixed", compact: bool = True) -> bytes:
     """Convert a Keras model (image -> dict outputs) to a TFLite flatbuffer.
 
     quantize: 'none' (float32), 'float16' (float16 weights, float32 compute and I/O) or 'int8'
     (float32 I/O, int8 inside as `int8_scope` says; needs `calibration`, float32 images
-    [n, s, s, 1] in [0, 1]). Keras 3 models go through an ExportArchive SavedModel (the path
+    [n, s, s, 1] in [0, 1]). compact (int8): write the model smaller with export.tflite_compact
+    (repeated vectors once; with scope mixed, the float32 layers' large weights as weight-only int8);
+    False returns the converter's own bytes. Keras 3 models go through an ExportArchive SavedModel (the path
     TensorFlow documents for Keras 3): converting a tf.function that closes over Keras variables
     leaves READ_VARIABLE ops in the graph, which int8 calibration cannot run.
     """
@@ -85,7 +96,13 @@ def to_tflite(model, quantize: str = "none", calibration: np.ndarray | None = No
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
                 converter.target_spec.supported_types = [tf.float16]
             elif quantize == "int8":
-                return _int8(converter, calibration, int8_scope, tmp)
+                from export import tflite_compact
+
+                content = _int8(converter, calibration, int8_scope, tmp)
+                if not compact:
+                    return content
+                return tflite_compact.compact(content, weight_only_int8=int8_scope == "mixed",
+                                              calibration=np.asarray(calibration[:COMPACT_IMAGES], np.float32))
             return converter.convert()
 
 

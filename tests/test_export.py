@@ -296,6 +296,22 @@ def test_bundle_files_and_manifest(bundle_dir, run_dir, keras_models, keys):
     assert io["dtype"] == "float32" and "quantization" in io
 
 
+def test_int8_bundle_stores_no_large_float32_weight(bundle_dir):
+    """The float32-kept layers' large weights are weight-only int8 in every int8 .tflite of the default bundle
+    (export.tflite_compact), and the manifest says so."""
+    from export.runtime import read_manifest
+    from export.tflite_compact import MIN_ELEMENTS
+    from export.tflite_size import breakdown
+
+    for name in ("screening.tflite", "classifier.tflite", "detector.tflite"):
+        b = breakdown((bundle_dir / name).read_bytes(), top=10_000)
+        large = [row for row in b["largest"] if row[1] == "float32" and row[3] >= 4 * MIN_ELEMENTS]
+        assert not large, (name, large)
+        assert b["constants"]["int8"] > 0, name
+    tflite = read_manifest(bundle_dir)["quantization"]["tflite"]
+    assert tflite["int8_scope"] == "mixed" and "weight-only int8" in tflite["float_layer_weights"]
+
+
 def test_interrupted_export_leaves_no_manifest_or_half_file(run_dir, detector, bundle_dir, tmp_path, monkeypatch):
     import shutil
 
