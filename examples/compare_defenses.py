@@ -185,6 +185,9 @@ def summarise(name: str, fraction: float, detector: bool, metrics: dict, report:
     row = {"method": name + (" + UAD" if detector else ""), "label_fraction": fraction,
            "arch": config.get("arch"), "epochs": config.get("epochs_resolved") or config.get("epochs"),
            "clean_accuracy": report["clean_accuracy"], "macro_auroc": report.get("macro_auroc"),
+           "clean_balanced_accuracy": report.get("clean_balanced_accuracy"),
+           # the run's referral threshold (chosen on val), clean: disease-vs-NORMAL sensitivity / specificity
+           "referral": _referral_point(report.get("referral")),
            "sensitivity": {c: v["sensitivity"] for c, v in report["per_class"].items()},
            "urgent_referral": report.get("urgent_referral"), "train_seconds": metrics.get("train_seconds_last_session"),
            "detector_fit_seconds": metrics.get("detector_fit_seconds"), "evaluate_seconds": report.get("seconds"),
@@ -192,7 +195,7 @@ def summarise(name: str, fraction: float, detector: bool, metrics: dict, report:
            "teacher_train_seconds": ((config.get("teacher_run") or {}).get("metrics") or {}).get(
                "train_seconds_last_session"),
            "attacks": {}}
-    keys = ["robust_accuracy", "robust_sensitivity", "classifier_only_risk"]
+    keys = ["robust_accuracy", "balanced_robust_accuracy", "robust_sensitivity", "classifier_only_risk"]
     if detector:
         keys += ["system_risk", "detection_auroc", "tpr_at_fpr", "adaptive_system_risk"]
         row["clean_false_referral_rate"] = report["detector"]["clean_false_referral_rate"]
@@ -215,6 +218,7 @@ def summarise(name: str, fraction: float, detector: bool, metrics: dict, report:
         return values
 
     row["robust_accuracy"] = strongest("robust_accuracy", min)
+    row["balanced_robust_accuracy"] = strongest("balanced_robust_accuracy", min)
     row["classifier_only_risk"] = strongest("classifier_only_risk", max)
     if detector:
         row["system_risk"] = strongest("system_risk", max)
@@ -223,7 +227,16 @@ def summarise(name: str, fraction: float, detector: bool, metrics: dict, report:
     return row
 
 
-SUMMARY_KEYS = ("robust_accuracy", "classifier_only_risk", "system_risk", "adaptive_system_risk", "detection_auroc")
+def _referral_point(referral: dict | None) -> dict | None:
+    """{sensitivity, specificity} at the run's operating point (else the arg-max decision), or None."""
+    if not referral:
+        return None
+    point = referral.get("operating_point") or referral.get("argmax") or {}
+    return {"sensitivity": point.get("sensitivity"), "specificity": point.get("specificity"),
+            "at": "threshold" if referral.get("operating_point") else "argmax"}
+
+
+SUMMARY_KEYS = ("robust_accuracy", "balanced_robust_accuracy", "classifier_only_risk", "system_risk", "adaptive_system_risk", "detection_auroc")
 
 
 def mean_sd(values) -> dict | None:
@@ -255,6 +268,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
         summary = {"method": method, "label_fraction": fraction, "seeds": [r.get("seed") for r in group],
                    "clean_accuracy": mean_sd(r["clean_accuracy"] for r in group),
+                   "clean_balanced_accuracy": mean_sd(r.get("clean_balanced_accuracy") for r in group),
+                   "referral_sensitivity": mean_sd((r.get("referral") or {}).get("sensitivity") for r in group),
+                   "referral_specificity": mean_sd((r.get("referral") or {}).get("specificity") for r in group),
                    "sensitivity": {c: mean_sd(r["sensitivity"][c] for r in group) for c in first["sensitivity"]},
                    "robust_sensitivity_top": {c: mean_sd(under_attack(r, c) for r in group)
                                               for c in first["sensitivity"]},
@@ -282,14 +298,21 @@ def summary_markdown(results: dict) -> list[str]:
     lines = [f"## Mean ± sd over seeds {seeds} (strongest attack)", "",
              f"Each row: {len(results['seeds'])} runs that differ in seed (labeled subset, initialisation, shuffling, "
              "attack starts); sd is the sample standard deviation over the runs.", "",
-             "| method | labels | clean | " + " | ".join(_eps_label(k) for k in keys) + " | "
-             + " | ".join(f"adaptive risk {_eps_label(k)}" for k in keys) + " | train s |",
-             "|---|---:|---:|" + "---:|" * (2 * len(keys)) + "---:|"]
+             "| method | labels | clean | clean balanced | " + " | ".join(_eps_label(k) for k in keys) + " | "
+             + " | ".join(f"balanced {_eps_label(k)}" for k in keys) + " | "
+             + " | ".join(f"adaptive risk {_eps_label(k)}" for k in keys)
+             + " | referral sensitivity / specificity | train s |",
+             "|---|---:|---:|---:|" + "---:|" * (3 * len(keys)) + "---|---:|"]
     for s in summary:
         risk = s.get("adaptive_system_risk") or {}
+        balanced = s.get("balanced_robust_accuracy") or {}
         lines.append(f"| {s['method']} | {s['label_fraction']:g} | {_pm(s['clean_accuracy'])} | "
+                     f"{_pm(s.get('clean_balanced_accuracy'))} | "
                      + " | ".join(_pm(s["robust_accuracy"][k]) for k in keys) + " | "
-                     + " | ".join(_pm(risk.get(k)) for k in keys) + f" | {_pm(s['train_seconds'], 0)} |")
+                     + " | ".join(_pm(balanced.get(k)) for k in keys) + " | "
+                     + " | ".join(_pm(risk.get(k)) for k in keys)
+                     + f" | {_pm(s.get('referral_sensitivity'))} / {_pm(s.get('referral_specificity'))}"
+                     + f" | {_pm(s['train_seconds'], 0)} |")
     classes = list(summary[0]["sensitivity"])
     lines += ["", f"### Per-class sensitivity, mean ± sd (clean; under the strongest attack at {_eps_label(top)})", "",
               "| method | labels | " + " | ".join(f"{c} clean" for c in classes) + " | "
@@ -366,12 +389,18 @@ def markdown(results: dict, plots: list[str]) -> str:
         *(summary_markdown(results) if len(results.get("seeds") or [0]) > 1 else []),
         "## Robust accuracy (strongest attack)",
         "",
-        "| method | labels | clean | " + " | ".join(_eps_label(k) for k in keys) + " | train s |",
-        "|---|---:|---:|" + "---:|" * len(keys) + "---:|",
+        "Balanced = mean of the per-class sensitivities (each class counts the same, the rare ones included).",
+        "",
+        "| method | labels | clean | clean balanced | " + " | ".join(_eps_label(k) for k in keys) + " | "
+        + " | ".join(f"balanced {_eps_label(k)}" for k in keys) + " | train s |",
+        "|---|---:|---:|---:|" + "---:|" * (2 * len(keys)) + "---:|",
     ]
     for r in rows:
+        balanced = r.get("balanced_robust_accuracy") or {}
         lines.append(f"| {_label(r, results)} | {r['label_fraction']:g} | {r['clean_accuracy']:.3f} | "
-                     + " | ".join(_cell(r["robust_accuracy"][k]) for k in keys) + f" | {r['train_seconds'] or '–'} |")
+                     f"{_cell(r.get('clean_balanced_accuracy'))} | "
+                     + " | ".join(_cell(r["robust_accuracy"][k]) for k in keys) + " | "
+                     + " | ".join(_cell(balanced.get(k)) for k in keys) + f" | {r['train_seconds'] or '–'} |")
     if len(attacks) > 1:
         for attack in attacks:
             lines += ["", f"### Robust accuracy, {_attack_title(attack)}", "",

@@ -38,8 +38,10 @@ def test_compare_defenses_writes_one_table_and_resumes(tmp_path):
     assert data["synthetic_data"] is True and data["n_test_images"] == 60
     assert data["eps"] == pytest.approx([0.002, 2 / 255])
     ssat = data["rows"][1]
-    for key in ("robust_accuracy", "classifier_only_risk", "system_risk", "adaptive_system_risk"):
+    for key in ("robust_accuracy", "balanced_robust_accuracy", "classifier_only_risk", "system_risk",
+                "adaptive_system_risk"):
         assert set(ssat[key]) == {"0.002", "0.00784314"}, key
+    assert 0 <= ssat["clean_balanced_accuracy"] <= 1 and ssat["referral"]["sensitivity"] is not None
     # The adaptive attacker's sweep includes the plain attack, so it is never less risky.
     for k, risk in ssat["system_risk"].items():
         assert ssat["adaptive_system_risk"][k] >= risk
@@ -64,6 +66,8 @@ def _row(method, seed, clean, robust, risk, sens):
             "robust_accuracy": {"0.002": robust}, "classifier_only_risk": {"0.002": risk},
             "system_risk": {"0.002": risk}, "adaptive_system_risk": {"0.002": risk},
             "detection_auroc": {"0.002": 0.9}, "clean_false_referral_rate": 0.05, "train_seconds": 10.0,
+            "clean_balanced_accuracy": clean - 0.1, "balanced_robust_accuracy": {"0.002": robust - 0.2},
+            "referral": {"sensitivity": 0.95, "specificity": clean, "at": "threshold"},
             "teacher_train_seconds": 2.0 if method != "standard" else None}
 
 
@@ -87,4 +91,6 @@ def test_seeds_give_mean_and_sample_sd_per_method_and_fraction():
     assert ssat["train_seconds"]["mean"] == 12.0  # the teacher's training counts
     assert summary[1]["clean_accuracy"] == {"mean": 0.9, "sd": 0.0, "n": 1}
     text = "\n".join(cd.summary_markdown({"summary": summary, "seeds": [0, 1, 2]}))
-    assert "| ssat + UAD | 0.1 | 0.700 ± 0.100 | 0.500 ± 0.100 | 0.200 ± 0.100 | 12 ± 0 |" in text
+    assert ssat["balanced_robust_accuracy"]["0.002"] == {"mean": 0.3, "sd": 0.1, "n": 3}
+    assert "| ssat + UAD | 0.1 | 0.700 ± 0.100 | 0.600 ± 0.100 | 0.500 ± 0.100 | 0.300 ± 0.100 | 0.200 ± 0.100 | " \
+           "0.950 ± 0.000 / 0.700 ± 0.100 | 12 ± 0 |" in text
