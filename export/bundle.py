@@ -5,7 +5,8 @@
 Writes into --out:
 
 * ``screening.tflite``  image -> probabilities, anomaly_score, flag (detector and classifier fused,
-  threshold baked in; see export.screening for the verdict rule),
+  threshold baked in; see export.screening for the verdict rule) and, for a detector with parts,
+  part_scores (each part's standardised score; manifest ``detector.parts`` names them in order),
 * ``classifier.tflite`` image -> logits, probabilities,
 * ``detector.tflite``   image -> anomaly_score,
 * with --onnx true: ``screening.onnx``, ``classifier.onnx``, ``detector.onnx`` (float32, tf2onnx) and,
@@ -37,7 +38,8 @@ from medrobust.io import atomic_write_bytes, atomic_write_json, read_json
 
 from medrobust_screen.classes import CLASSES
 from medrobust_screen.manifest import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
-from medrobust_screen.screener import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD, VERDICT_RULE
+from medrobust_screen.screener import (OUTPUT_FLAG, OUTPUT_PART_SCORES, OUTPUT_PROBABILITIES, OUTPUT_SCORE,
+                                       OUTPUT_THRESHOLD, VERDICT_RULE)
 from medrobust_screen.referral import REFERRAL_RULE
 from medrobust_screen.signing import SIGNATURE
 
@@ -308,6 +310,14 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
         f"target false-alarm rate {target_fpr:g}" if "threshold_calibration" in entries["screening.tflite"]
         else "the Keras detector's threshold (clean validation split of the run)")
     manifest["detector"]["score_graph"] = score_source
+    parts = screening.detector_parts(detector)
+    if parts is not None:  # the screening model's part_scores output, column by column
+        manifest["detector"]["parts"] = parts
+        if hasattr(detector, "combination_rule"):
+            manifest["detector"]["combination"] = detector.combination_rule()
+        manifest["outputs"][OUTPUT_PART_SCORES] = (
+            f"[n, {len(parts)}] standardised score of each detector part, in the order of detector.parts "
+            "(detector.combination says how they make anomaly_score); the highest names the part that scored high")
     atomic_write_json(out_dir / MANIFEST, manifest)
     if signing_key is not None:
         sign_bundle(out_dir, signing_key, log)

@@ -30,6 +30,7 @@ OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_SCORE = "anomaly_score"
 OUTPUT_FLAG = "flag"
 OUTPUT_THRESHOLD = "threshold"  # screening models: the threshold baked into the graph, [n] (same value)
+OUTPUT_PART_SCORES = "part_scores"  # optional, [n, k]: each detector part's standardised score (manifest detector.parts)
 
 VERDICT_CLASSIFY = "classify"
 VERDICT_REFER = "refer"

@@ -61,8 +61,9 @@ from medrobust.detection.autoencoder import build_autoencoder, train_autoencoder
 from medrobust.detection.graph import ScoreGraph
 from medrobust.detection.parts import (AE_PARTS, ALL_PARTS, BOUNDARY_DELTA, COMBINATIONS,  # noqa: F401 (re-exported)
                                        DEFAULT_PARTS, GAUSSIAN_ARRAYS, LEGACY_PARTS, LOG_FLOORS, LOG_PARTS,
-                                       MEDIAN_SQUEEZERS, PARTS, RESIDUAL_DEFAULTS, SCORE_NAMES, SQUEEZE_BITS,
-                                       STAT_PREFIX, log_np, pooled_parts)
+                                       MEDIAN_SQUEEZERS, PART_DESCRIPTIONS, PART_SCALE, PARTS,
+                                       RESIDUAL_DEFAULTS, SCORE_NAMES, SQUEEZE_BITS,
+                                       STAT_PREFIX, combine_np, log_np, pooled_parts)
 from medrobust.detection.taps import TAP_NAMES, default_taps, flat_layers, stage_ends, tap_model
 
 # The part names and settings live in medrobust.detection.parts, the files in .storage; importable from here too.
@@ -274,13 +275,14 @@ class Detector(ScoreGraph):
     def combination(self) -> str:
         return self.config["combination"]
 
-    def score_tensor(self, x, with_logits: bool = False) -> dict[str, tf.Tensor]:
+    def score_tensor(self, x, with_logits: bool = False, with_part_scores: bool = False) -> dict[str, tf.Tensor]:
         """All scores of a batch x [n, s, s, 1] as tensors {'combined', *parts}: pure and differentiable
         (bit-depth squeezing by BPDA), for use inside a GradientTape. with_logits=True adds 'logits', the
         classifier's logits at x from the same forward pass (an adaptive attack then needs no separate
-        classifier call)."""
+        classifier call); with_part_scores=True adds 'part_scores' [n, k], the standardised part scores the
+        combination reads (`part_scores`)."""
         x = tf.convert_to_tensor(x, tf.float32)
-        out = self._graph(x, lambda m, v: m(v, training=False))
+        out = self._graph(x, lambda m, v: m(v, training=False), with_part_scores)
         logits = out.pop("logits")
         return {**out, "logits": logits} if with_logits else out
 
@@ -298,18 +300,57 @@ class Detector(ScoreGraph):
         """True where an image is flagged (combined score above the threshold)."""
         return self.score(x, batch_size)["combined"] > self.threshold
 
+    def part_scores(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The standardised part scores [n, k] (k = len(parts), in parts order) of `score()` output: each
+        part on the scale the combination rule reads (parts.PART_SCALE); `combine` turns them into the
+        combined score."""
+        z = self._z_numpy(scores)
+        return np.stack([z[name] for name in self.parts], axis=1) if self.parts else np.zeros((0, 0), np.float32)
+
+    def combine(self, part_scores: np.ndarray) -> np.ndarray:
+        """The combined score [n] from standardised part scores [n, k] (numpy, float64), by this detector's
+        combination rule: the twin of the graph's combination. ValueError for a wrong shape."""
+        z = np.asarray(part_scores, np.float64)
+        if z.ndim != 2 or z.shape[1] != len(self.parts):
+            raise ValueError(f"part scores must be [n, {len(self.parts)}] ({', '.join(self.parts)}), got {z.shape}")
+        return combine_np({name: z[:, i] for i, name in enumerate(self.parts)}, self.parts, self.combination,
+                          self.config.get("anomaly", (0.0, 1.0)))
+
+    def describe_parts(self) -> list[dict]:
+        """[{name, description}] of the parts, in order (the bundle manifest's detector.parts)."""
+        return [{"name": name, "description": PART_DESCRIPTIONS[name]} for name in self.parts]
+
+    def combination_rule(self) -> dict:
+        """How the combined score is made from the part scores, as plain data (for a bundle manifest)."""
+        rule = self.combination
+        out = {"rule": rule, "part_scale": PART_SCALE}
+        pooled = pooled_parts(self.parts, rule)
+        if pooled:
+            out.update(pooled=list(pooled), anomaly=[float(v) for v in self.config["anomaly"]])
+        formula = {"sum": "combined = sum of the part scores",
+                   "max_all": "combined = max of the part scores",
+                   "sum_positive": "combined = (sum of max(z, 0) over all parts - anomaly[0]) / anomaly[1]",
+                   "max": ("combined = max(z_boundary, (sum of max(z, 0) over the pooled parts - anomaly[0]) / "
+                           "anomaly[1])" if "boundary" in self.parts and pooled else
+                           "combined = z_boundary" if "boundary" in self.parts else
+                           "combined = (sum of max(z, 0) over the pooled parts - anomaly[0]) / anomaly[1]")}
+        out["formula"] = formula[rule]
+        return out
+
     def part_flags(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per-part flags at each part's own (1 - target_fpr) validation quantile (single-score baselines)."""
         return {name: scores[name] > self.config["part_thresholds"][name] for name in self.parts}
 
-    def score_model(self) -> keras.Model:
+    def score_model(self, part_scores: bool = False) -> keras.Model:
         """A Keras model image -> [combined, *parts] (each [n], in score_names order, output layers named
         likewise), built from the classifier, the autoencoder and keras.ops; same numbers as score().
-        Built in memory: not meant to be saved as .keras."""
+        part_scores=True appends 'part_scores' [n, k] (the standardised parts, as `part_scores`), from the
+        same graph as combined. Built in memory: not meant to be saved as .keras."""
         s = self.config["image_size"]
         inputs = keras.Input((s, s, 1), name="image")
-        out = self._graph(inputs, lambda m, v: m(v))
-        outputs = [layers.Identity(name=name)(out[name]) for name in self.score_names]
+        out = self._graph(inputs, lambda m, v: m(v), with_part_scores=part_scores)
+        names = self.score_names + (("part_scores",) if part_scores else ())
+        outputs = [layers.Identity(name=name)(out[name]) for name in names]
         return keras.Model(inputs, outputs, name="uad_score")
 
     def _raw_parts(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:

@@ -15,7 +15,10 @@ class ScoreGraph:
     autoencoder and tap model (self._model, self._taps); `call(model, tensor)` runs a Keras model (with or
     without training=False)."""
 
-    def _graph(self, x, call) -> dict:
+    def _graph(self, x, call, with_part_scores: bool = False) -> dict:
+        """{'combined', *parts (raw), 'logits'}; with_part_scores adds 'part_scores' [n, k]: each part's
+        standardised score z (the scale the combination rule reads), in self.parts order, computed by the
+        very ops the combined score uses (so a reader can see which part drove it)."""
         parts = self._parts_graph(x, call)
         c = self.config
         z = {}
@@ -38,7 +41,10 @@ class ScoreGraph:
                 combined = z["boundary"] if anomaly is None else ops.maximum(z["boundary"], anomaly)
             else:
                 combined = anomaly
-        return {"combined": combined, **{name: parts[name] for name in self.parts}, "logits": parts["logits"]}
+        out = {"combined": combined, **{name: parts[name] for name in self.parts}, "logits": parts["logits"]}
+        if with_part_scores:
+            out["part_scores"] = ops.stack([z[name] for name in self.parts], axis=1)
+        return out
 
     def _parts_graph(self, x, call) -> dict:
         raw = self._raw_graph(x, call)

@@ -31,6 +31,43 @@ GAUSSIAN_ARRAYS = ("means", "precision", "whitening")
 STAT_PREFIX = {"mahalanobis": "", "mahalanobis_early": "early_", "mahalanobis_middle": "middle_"}
 
 
+# One line per part for people reading a bundle's manifest or the device report (what a high score means).
+PART_DESCRIPTIONS = {
+    "reconstruction": "autoencoder reconstruction error (the scan does not look like the clean training scans)",
+    "feature": "the classifier disagrees with itself on the scan and on its autoencoder reconstruction",
+    "mahalanobis": "penultimate classifier features far from every class's clean features (Mahalanobis)",
+    "mahalanobis_early": "early-layer classifier features far from every class's clean features (pixel noise)",
+    "mahalanobis_middle": "middle-layer classifier features far from every class's clean features",
+    "residual": "high-frequency energy in the scan's dark regions (noise or a perturbation where clean OCT "
+                "has only speckle)",
+    "squeeze_bits": "the prediction changes when the scan is reduced to fewer grey levels (feature squeezing)",
+    "squeeze_median": "the prediction changes under median smoothing (feature squeezing)",
+    "boundary": "the scan sits close to a decision boundary of the classifier (small top-2 logit margin)",
+}
+PART_SCALE = ("standardised score z = (v - mean) / sd of the part v (log(v + floor) for positive, heavy-tailed "
+              "parts) over clean validation scans: 0 = a typical clean scan, higher = more unusual; the "
+              "combined anomaly score is computed from these z by the detector's combination rule")
+
+
+def combine_np(z: dict, parts, rule: str, anomaly=(0.0, 1.0)) -> np.ndarray:
+    """numpy twin of the score graph's combination: the combined score from the part z-scores {name: [n]}
+    (rule and anomaly standardisation as in the detector's config)."""
+    if rule not in COMBINATIONS:
+        raise ValueError(f"combination must be one of {', '.join(COMBINATIONS)}, got {rule!r}")
+    zs = {name: np.asarray(z[name], np.float64) for name in parts}
+    if rule == "sum":
+        return sum(zs[name] for name in parts)
+    if rule == "max_all":
+        return np.max(np.stack([zs[name] for name in parts], axis=1), axis=1)
+    pooled = pooled_parts(parts, rule)
+    score = None
+    if pooled:
+        score = (sum(np.maximum(zs[name], 0.0) for name in pooled) - anomaly[0]) / anomaly[1]
+    if rule == "max" and "boundary" in parts:
+        score = zs["boundary"] if score is None else np.maximum(zs["boundary"], score)
+    return score
+
+
 def pooled_parts(parts, rule: str) -> list[str]:
     """The parts whose positive z-scores are summed into the pooled anomaly score of rule "max" (all but
     boundary) or "sum_positive" (all)."""
