@@ -21,11 +21,12 @@ class ScoreGraph:
         very ops the combined score uses (so a reader can see which part drove it)."""
         parts = self._parts_graph(x, call)
         c = self.config
-        z = {}
+        z, scaled = {}, {}
         for name in self.parts:
             mean, std = c["standardise"][name]
             v = S.log_score(parts[name] + LOG_FLOORS.get(name, 0.0)) if name in LOG_PARTS else parts[name]
             z[name] = (v - mean) / std
+            scaled[name] = v
         rule = c["combination"]
         if rule == "sum":
             combined = sum(z[name] for name in self.parts)
@@ -43,7 +44,12 @@ class ScoreGraph:
                 combined = anomaly
         out = {"combined": combined, **{name: parts[name] for name in self.parts}, "logits": parts["logits"]}
         if with_part_scores:
-            out["part_scores"] = ops.stack([z[name] for name in self.parts], axis=1)
+            # The same z, written as v * (1 / std) - mean / std: a branch of its own off the scaled parts, so
+            # the combined score's ops keep exactly their inputs and consumers (int8 conversion requantized a
+            # z that also fed this output, which moved the combined score by a quantization step).
+            out["part_scores"] = ops.stack([scaled[name] * (1.0 / c["standardise"][name][1])
+                                            - c["standardise"][name][0] / c["standardise"][name][1]
+                                            for name in self.parts], axis=1)
         return out
 
     def _parts_graph(self, x, call) -> dict:
