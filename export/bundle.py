@@ -227,7 +227,8 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
     if detector is None:
         detector = load_detector(run_dir, classifier)
     threshold = screening.float32(detector.threshold)
-    score_source = screening.score_function(detector, image_size)[2]
+    score_source = screening.score_function(detector, image_size,
+                                            part_scores=screening.detector_parts(detector) is not None)[2]
     log(f"detector: threshold {threshold:.6g}; score graph from {score_source}")
 
     calib, calib_source, x_val = None, None, None
