@@ -168,6 +168,8 @@ def _run(args, log, warn) -> int:
     columns = screener.columns
     if screener.referral:
         header.update(referral={**screener.referral, "rule": REFERRAL_RULE})
+    if screener.parts:  # bundles whose screening model has part scores (rows then carry top_part)
+        header.update(detector_parts=screener.parts)
     is_dicom = any(dicom_files.is_dicom_file(p) for p in files)
     if is_dicom:
         columns = columns + volume_options.columns()
@@ -182,6 +184,7 @@ def _run(args, log, warn) -> int:
             "bundle": header["bundle"], "signature": screener.signature, "training_data": provenance,
             "classes": screener.classes, "threshold": screener.threshold, "referral": screener.referral,
             "model_outputs": screener.output_names, "keep_identifiers": volume_options.keep_identifiers,
+            "parts": screener.parts,
             **({"volume_rule": volumes.VOLUME_RULE + ". " + volumes.SERIES_RULE,
                 "min_confidence": volume_options.min_confidence} if is_dicom else {})})
     counts = {VERDICT_CLASSIFY: 0, VERDICT_REFER: 0, VERDICT_ERROR: 0}

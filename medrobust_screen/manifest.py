@@ -105,6 +105,12 @@ def _check_manifest_types(m: dict, path: str) -> None:
     screening = _field(m, "models.screening.file", path)
     if screening not in files:
         raise BundleError(f"{path}: models.screening.file {screening!r} is not listed in files")
+    parts = m.get("detector", {}).get("parts") if isinstance(m.get("detector"), dict) else None
+    if parts is not None:  # optional: bundles exported before the part_scores output have none
+        names = [p.get("name") if isinstance(p, dict) else None for p in parts] if isinstance(parts, list) else None
+        if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names) \
+                or not all(isinstance(p.get("description", ""), str) for p in parts):
+            raise BundleError(f"{path}: detector.parts must be a list of {{name, description}} with distinct names")
     if "referral" in m:  # optional: runs trained before the referral operating point have none
         t = _field(m, "referral.threshold", path)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:

@@ -21,9 +21,11 @@ Content
     volume, and a thumbnail (``THUMBNAIL_SIZE`` px): the image itself, or for a volume the B-scan that
     drove its verdict (``THUMBNAIL_RULE``), whose probabilities are the ones shown.
 
-    The screening model outputs one *combined* anomaly score (outputs ``probabilities``,
-    ``anomaly_score``, ``flag``, ``threshold``); which detector part scored high is not exported, and the
-    report says so instead of showing part scores.
+    Which detector part scored high: a bundle whose screening model has the ``part_scores`` output (each
+    detector part's standardised score z, 0 = a typical clean scan; the manifest's ``detector.parts`` names
+    them) shows, per entry, a bar list of the part scores (for a volume: of the B-scan shown) and names the
+    top part (the row's ``top_part``). An older bundle outputs only the combined anomaly score (outputs
+    ``probabilities``, ``anomaly_score``, ``flag``, ``threshold``), and the report says so instead.
 
 Privacy
     Patient name, ID, birth date and study date appear only when the rows carry them (``--keep-identifiers``);
@@ -60,6 +62,11 @@ THUMBNAIL_RULE = ("for a volume: verdict classify -> the most confident B-scan o
                   "one on a tie); refer -> the decoded B-scan with the highest anomaly score; error -> none")
 NO_PART_SCORES = ("this bundle's screening model outputs only the combined anomaly score (outputs: {outputs}); "
                   "which detector part scored high is not available on the device")
+PART_SCORES_NOTE = ("per entry, the score of each detector part is shown as z (its standardised score: 0 = a "
+                    "typical clean scan, higher = more unusual; for a volume, the parts of the B-scan shown), and "
+                    "the top part, the part with the highest z, is named; the parts: ")
+TOP_CLASS = ' class="top"'
+PART_BAR_FULL = 4.0  # a part score bar is full at z = 4 (or at the entry's highest z, when larger)
 SECTIONS = (("refer", "Referred by the detector (a human reads these)"),
             ("disease", "Disease"),
             ("error", "Errors (not screened)"),
@@ -135,6 +142,10 @@ def _e(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def _part_list(parts) -> str:
+    return "; ".join(f"<b>{_e(p['name'])}</b>: {_e(p.get('description'))}" for p in parts)
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value in ("", None):
         return "&ndash;"
@@ -151,7 +162,8 @@ class HtmlReport:
     report.close(summary)
 
     ``row`` is a result row (dict of the CSV columns); ``detail`` is None or ``{"probabilities": [float] *
-    n_classes | None, "thumbnail": PNG bytes | None, "thumbnail_note": str}``. Rows with level ``frame`` are
+    n_classes | None, "thumbnail": PNG bytes | None, "thumbnail_note": str}`` (plus ``"part_scores": [float]
+    * n_parts`` when ``run["parts"]``, the manifest's detector.parts, is set). Rows with level ``frame`` are
     skipped. Raises UsageError from the constructor for a bad path (``check_report_path``); OSError from
     ``close`` if the file cannot be written (the temporary file is then removed).
     """
@@ -161,6 +173,7 @@ class HtmlReport:
         self.path = os.fspath(path)
         self.run = run
         self.classes: Sequence[str] = tuple(run["classes"])
+        self.parts: Sequence[dict] = tuple(run.get("parts") or ())
         self.counts = {key: 0 for key, _ in SECTIONS}
         self._spools = {key: tempfile.TemporaryFile("w+", encoding="utf-8") for key, _ in SECTIONS}
         self._n = 0
@@ -225,7 +238,8 @@ class HtmlReport:
                         .isoformat(timespec="seconds"))),
             ("classes", _e(", ".join(self.classes))),
             ("detector", f"refer when anomaly score &gt; threshold {_fmt(run['threshold'], 6)}; "
-                         + _e(NO_PART_SCORES.format(outputs=", ".join(run.get("model_outputs", ())) or "?"))),
+                         + (_e(PART_SCORES_NOTE) + _part_list(self.parts) if self.parts else
+                            _e(NO_PART_SCORES.format(outputs=", ".join(run.get("model_outputs", ())) or "?")))),
             ("referral", (f"p_disease = 1 &minus; P(NORMAL); positive when &ge; {_fmt(referral['threshold'], 6)}"
                           if referral else "this bundle has no referral operating point")),
             ("thumbnails", _e(THUMBNAIL_RULE)),
@@ -281,7 +295,8 @@ class HtmlReport:
         table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
         return (f'<div class="entry {key}">\n{self._thumb(detail)}<div class="body">\n'
                 f'<h3><span class="badge {_e(verdict)}">{_e(verdict.upper())}</span> {title}</h3>\n'
-                f'<table class="kv">{table}</table>\n{self._probabilities(detail, volume)}</div>\n</div>\n')
+                f'<table class="kv">{table}</table>\n{self._probabilities(detail, volume)}'
+                f'{self._part_scores(detail, volume)}</div>\n</div>\n')
 
     def _detector(self, row: dict, volume: bool) -> str:
         score = row.get("anomaly_score")
@@ -294,6 +309,10 @@ class HtmlReport:
         if volume:
             text = (f"{_e(row.get('refer_frames'))} of {_e(row.get('frames'))} B-scans flagged; highest "
                     + text.replace("anomaly score", "score", 1))
+        if self.parts:
+            top = row.get("top_part")
+            return text + (f"; top part <b>{_e(top)}</b>" if top else "") + (
+                " (the B-scan with the highest score)" if volume and top else "")
         return text + " (combined score; no per-part scores in this bundle)"
 
     def _probabilities(self, detail: dict, volume: bool) -> str:
@@ -304,6 +323,22 @@ class HtmlReport:
                        f"</div></td><td>{float(p):.4f}</td></tr>" for c, p in zip(self.classes, probs))
         what = "probabilities of the B-scan shown" if volume else "class probabilities"
         return f'<table class="probs"><caption>{what}</caption>{rows}</table>\n'
+
+    def _part_scores(self, detail: dict, volume: bool) -> str:
+        """The detector part scores of the image (of the B-scan shown, for a volume), highest marked."""
+        scores = detail.get("part_scores")
+        if not self.parts or scores is None or len(scores) != len(self.parts):
+            return ""
+        top = int(np.argmax(scores))
+        scale = max(PART_BAR_FULL, max(float(v) for v in scores))
+        rows = "".join(
+            f'<tr{TOP_CLASS if i == top else ""}><td title="{_e(p.get("description"))}">{_e(p["name"])}</td>'
+            f'<td class="bar part"><div style="width:{max(0.0, min(1.0, float(v) / scale)) * 100:.1f}%"></div></td>'
+            f"<td>{float(v):+.3f}</td><td>{'top part' if i == top else ''}</td></tr>"
+            for i, (p, v) in enumerate(zip(self.parts, scores)))
+        what = "detector part scores of the B-scan shown" if volume else "detector part scores"
+        return (f'<table class="parts"><caption>{what} (z: 0 = typical clean scan, higher = more unusual)'
+                f"</caption>{rows}</table>\n")
 
     def _thumb(self, detail: dict) -> str:
         png = detail.get("thumbnail")
@@ -350,6 +385,10 @@ table.probs { margin-top: 4px; font-size: 12px; }
 table.probs caption { text-align: left; color: #555; }
 td.bar { width: 160px; background: #f0f0f0; }
 td.bar div { height: 10px; background: #4a6fa5; }
+table.parts { margin-top: 4px; font-size: 12px; }
+table.parts caption { text-align: left; color: #555; }
+td.bar.part div { background: #c77700; }
+table.parts tr.top td { font-weight: bold; }
 .badge { display: inline-block; padding: 1px 7px; border-radius: 4px; color: #fff; font-size: 12px; }
 .badge.classify { background: #2e7d32; }
 .badge.refer { background: #c77700; }

@@ -6,6 +6,9 @@ A bundle whose manifest carries a referral operating point ("referral": the run'
 P(disease) = 1 - P(NORMAL), chosen on the validation split for a target sensitivity; see
 medrobust.evaluation.referral) adds ``REFERRAL_COLUMNS``: p_disease and disease_screen
 (``positive`` = refer to an ophthalmologist, ``negative``). Bundles without one give the rows they always gave.
+A bundle whose screening model has the optional ``part_scores`` output (each detector part's standardised
+score, named in order by the manifest's ``detector.parts``) adds ``PART_COLUMNS``: top_part, the name of
+the part with the highest score (blank for an error row). Older bundles give the rows they always gave.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ VERDICT_RULE = ("flag = anomaly_score > threshold; verdict = 'refer' (human revi
                 "on this scan) if flag, else 'classify' (the most probable class stands)")
 
 COLUMNS = ("file", "verdict", "class", "confidence", "anomaly_score", "error", "training_data", "bundle_signature")
+PART_COLUMNS = ("top_part",)
 UNVERIFIED = "NOT VERIFIED (--allow-unsigned)"
 
 
@@ -91,13 +95,29 @@ class Screener:
             self.interpreter = _interpreter_class()(model_content=content, num_threads=threads)
         except ValueError as exc:
             raise BundleError(f"{self.bundle_dir}: {name} is not a loadable TFLite model ({exc})") from None
+        self.parts = _manifest_parts(m)  # [{name, description}] or None
         self._bind(name)
         self._check_threshold(name)
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The row columns of this bundle (REFERRAL_COLUMNS only when its manifest has a referral point)."""
-        return COLUMNS + (REFERRAL_COLUMNS if self.referral else ())
+        """The row columns of this bundle (REFERRAL_COLUMNS only when its manifest has a referral point,
+        PART_COLUMNS only when its screening model has part scores)."""
+        return COLUMNS + (REFERRAL_COLUMNS if self.referral else ()) + (PART_COLUMNS if self.parts else ())
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The detector part names in part_scores order (empty for a bundle without part scores)."""
+        return tuple(p["name"] for p in self.parts) if self.parts else ()
+
+    def part_fields(self, part_scores: np.ndarray | None) -> dict:
+        """{top_part} for one image's part scores [k] (blank for None: an unreadable scan); {} for a bundle
+        without part scores."""
+        if not self.parts:
+            return {}
+        if part_scores is None:
+            return {"top_part": ""}
+        return {"top_part": self.part_names[int(np.argmax(part_scores))]}
 
     def referral_fields(self, probs: np.ndarray | None) -> dict:
         """{p_disease, disease_screen} for one softmax [classes] (blank for None: an unreadable scan); {}
@@ -125,6 +145,16 @@ class Screener:
         if len(inputs) != 1 or any(k not in outputs for k in needed):
             raise BundleError(f"{name}: expected one image input and outputs {', '.join(needed)}; "
                               f"found {sorted(inputs)} -> {sorted(outputs)}")
+        if (OUTPUT_PART_SCORES in outputs) != bool(self.parts):
+            raise BundleError(f"{name}: " + (f"has a {OUTPUT_PART_SCORES} output but {MANIFEST} names no detector.parts"
+                                             if self.parts is None else
+                                             f"has no {OUTPUT_PART_SCORES} output but {MANIFEST} lists detector.parts"))
+        if self.parts:
+            k = [int(v) for v in outputs[OUTPUT_PART_SCORES]["shape_signature"]][-1:]
+            if k != [len(self.parts)]:
+                raise BundleError(f"{name}: {OUTPUT_PART_SCORES} has {k[0] if k else '?'} columns, {MANIFEST} lists "
+                                  f"{len(self.parts)} detector.parts")
+            needed = needed + (OUTPUT_PART_SCORES,)
         (detail,) = inputs.values()
         shape = [int(v) for v in detail["shape_signature"]]
         if shape[1:] != [self.image_size, self.image_size, 1] or detail["dtype"] != np.float32:
@@ -151,6 +181,11 @@ class Screener:
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, float, bool]:
         """One preprocessed image [s, s, 1] (or [1, s, s, 1]) -> (probabilities, anomaly score, flag)."""
+        return self.predict_parts(image)[:3]
+
+    def predict_parts(self, image: np.ndarray) -> tuple[np.ndarray, float, bool, np.ndarray | None]:
+        """Like ``predict``, plus the detector part scores [k] (float32, in ``part_names`` order; None for a
+        bundle without them)."""
         image = np.asarray(image)
         s = self.image_size
         if image.shape not in ((s, s), (s, s, 1), (1, s, s, 1)):
@@ -165,7 +200,10 @@ class Screener:
         probs = np.array(self.interpreter.get_tensor(self._outputs[OUTPUT_PROBABILITIES])[0], np.float32)
         score = float(self.interpreter.get_tensor(self._outputs[OUTPUT_SCORE]).reshape(-1)[0])
         flag = bool(self.interpreter.get_tensor(self._outputs[OUTPUT_FLAG]).reshape(-1)[0] > 0.5)
-        return probs, score, flag
+        parts = None
+        if self.parts:
+            parts = np.array(self.interpreter.get_tensor(self._outputs[OUTPUT_PART_SCORES]), np.float32).reshape(-1)
+        return probs, score, flag, parts
 
     def load(self, path: str) -> np.ndarray:
         """A file -> the model input [s, s, 1] (ImageError with a one-line reason if it cannot be)."""
@@ -174,7 +212,8 @@ class Screener:
     def screen_file(self, path: str, details: bool = False) -> dict:
         """One row for one file (an error row if it cannot be decoded). With ``details`` the row also carries
         ``report.DETAIL_KEY``: {probabilities ([n_classes] floats, None for an error row), thumbnail (PNG
-        bytes or None), thumbnail_note} for the HTML report (the caller removes it before writing the row)."""
+        bytes or None), thumbnail_note, and for a bundle with part scores part_scores ([k] floats)} for the HTML
+        report (the caller removes it before writing the row)."""
         try:
             image = self.load(path)
         except ImageError as exc:
@@ -182,15 +221,16 @@ class Screener:
                             **({report.DETAIL_KEY: {"thumbnail_note": "not decoded"}} if details else {}))
         except OSError as exc:  # pragma: no cover - load_image turns these into ImageError already
             return self.row(path, error=f"cannot read file ({exc.__class__.__name__}: {exc})")
-        probs, score, flag = self.predict(image)
+        probs, score, flag, parts = self.predict_parts(image)
         k = int(np.argmax(probs))
         extra = {}
         if details:
             extra[report.DETAIL_KEY] = {"probabilities": [float(p) for p in probs],
-                                        "thumbnail": report.thumbnail_of_file(path), "thumbnail_note": "the image"}
+                                        "thumbnail": report.thumbnail_of_file(path), "thumbnail_note": "the image",
+                                        **({"part_scores": [float(v) for v in parts]} if parts is not None else {})}
         return self.row(path, verdict=VERDICT_REFER if flag else VERDICT_CLASSIFY, cls=self.classes[k],
                         confidence=float(f"{probs[k]:.6f}"), anomaly_score=float(f"{score:.7g}"),
-                        **self.referral_fields(probs), **extra)
+                        **self.referral_fields(probs), **self.part_fields(parts), **extra)
 
     def row(self, path: str, verdict: str = VERDICT_ERROR, cls: str = "", confidence="", anomaly_score="",
             error: str = "", **extra) -> dict:
@@ -198,7 +238,7 @@ class Screener:
         return {"file": path, "verdict": verdict, "class": cls, "confidence": confidence,
                 "anomaly_score": anomaly_score, "error": " ".join(str(error).split()),
                 "training_data": self.training_data["label"], "bundle_signature": self.signature_label,
-                **self.referral_fields(None), **extra}
+                **self.referral_fields(None), **self.part_fields(None), **extra}
 
     def screen(self, paths: Iterable[str], stats: dict | None = None,
                volume_options: "volumes.VolumeOptions | None" = None, details: bool = False) -> Iterator[dict]:
@@ -231,6 +271,12 @@ class Screener:
                 rows = volumes.screen_volume(self, path, options, details, placement)
             for row in rows:
                 yield {**row, **run_columns}
+
+
+def _manifest_parts(manifest: dict) -> list[dict] | None:
+    """detector.parts of a checked manifest (medrobust_screen.manifest checks its types), or None."""
+    parts = manifest.get("detector", {}).get("parts") if isinstance(manifest.get("detector"), dict) else None
+    return [{"name": p["name"], "description": p.get("description", "")} for p in parts] if parts else None
 
 
 def _signature_details(interpreter, key: str) -> tuple[dict, dict]:

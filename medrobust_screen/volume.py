@@ -58,10 +58,12 @@ confidence among the confident B-scans of its class and ``anomaly_score`` the hi
 decoded B-scan.  With a bundle's referral threshold, a volume's ``p_disease`` is the highest of its
 decoded B-scans (flagged ones included: the detector's verdict is reported separately), so the volume
 screens positive when any B-scan does; per-volume sensitivity is then at least the per-B-scan one the
-threshold was chosen for, and specificity lower.
+threshold was chosen for, and specificity lower.  With a bundle that has part scores, ``top_part`` of a
+volume row is that of the B-scan with the highest anomaly score (the one its ``anomaly_score`` comes from).
 
 With ``details`` (``--report``) a volume row also carries ``report.DETAIL_KEY``: the probabilities and a
-128 px thumbnail of the B-scan that drove the verdict (``Evidence``; ``report.THUMBNAIL_RULE``).
+128 px thumbnail of the B-scan that drove the verdict (``Evidence``; ``report.THUMBNAIL_RULE``), and its
+detector part scores when the bundle has them.
 
 No TensorFlow here: numpy, the standard library, ``medrobust_screen.dicom`` and ``medrobust_screen.report``.
 """
@@ -181,6 +183,7 @@ class VolumeTally:
         self.confident = {c: 0 for c in self.classes}
         self.best = {c: 0.0 for c in self.classes}
         self.max_score: float | None = None
+        self.top_part: str | None = None  # top_part of the highest-scoring B-scan (None: rows without top_part)
         self.first_error = ""
         self.numbers: dict[str, FrameList] = {}  # "refer", "error", "unsure" or a class -> its frame numbers
 
@@ -189,6 +192,8 @@ class VolumeTally:
         ``frame`` is its 1-based frame number in the volume (default: the count of rows added so far)."""
         self.frames += 1
         frame = self.frames if frame is None else int(frame)
+        if "top_part" in row and self.top_part is None:
+            self.top_part = ""  # a bundle with part scores: the volume row gets top_part too
         verdict = row["verdict"]
         if verdict == "error":
             self.errors += 1
@@ -197,6 +202,8 @@ class VolumeTally:
                 self.first_error = row.get("error", "")
             return
         score = float(row["anomaly_score"])
+        if "top_part" in row and (self.max_score is None or score > self.max_score):  # the top B-scan's
+            self.top_part = row["top_part"]
         self.max_score = score if self.max_score is None else max(self.max_score, score)
         if row.get("p_disease", "") != "":
             p = float(row["p_disease"])
@@ -230,12 +237,15 @@ class VolumeTally:
 
     def verdict(self) -> dict:
         """The volume's verdict, class, confidence, anomaly_score, reason and frame counts (with a referral
-        threshold also p_disease, the highest of its decoded B-scans, and disease_screen at it)."""
+        threshold also p_disease, the highest of its decoded B-scans, and disease_screen at it; with B-scan
+        rows that carry top_part, the top_part of the highest-scoring one)."""
         out = self._verdict()
         out["driving_frames"] = self.driving(out)
         if self.referral_threshold is not None:
             out.update({"p_disease": "", "disease_screen": ""} if self.max_p_disease is None
                        else disease_screen(self.max_p_disease, self.referral_threshold))
+        if self.top_part is not None:
+            out["top_part"] = self.top_part if out["verdict"] != "error" else ""
         return out
 
     def _verdict(self) -> dict:
@@ -453,46 +463,60 @@ class Evidence:
 
     def __init__(self, min_confidence: float):
         self.min_confidence = float(min_confidence)
-        self.best: dict[str, tuple] = {}  # class -> (confidence, frame, path, probabilities, png)
-        self.top: tuple | None = None  # (anomaly score, frame, path, probabilities, png)
+        self.best: dict[str, tuple] = {}  # class -> (confidence, frame, path, probabilities, png, part scores)
+        self.top: tuple | None = None  # (anomaly score, frame, path, probabilities, png, part scores)
 
-    def consider(self, frame: int, path: str, row: dict, probs: np.ndarray | None, grey: np.ndarray | None) -> None:
+    def consider(self, frame: int, path: str, row: dict, probs: np.ndarray | None, grey: np.ndarray | None,
+                 parts: np.ndarray | None = None) -> None:
         if row["verdict"] == "error" or probs is None or grey is None:
             return
         score = float(row["anomaly_score"])
         p = [float(v) for v in probs]
+        z = None if parts is None else [float(v) for v in parts]
         if self.top is None or score > self.top[0]:
-            self.top = (score, frame, path, p, report.thumbnail_png(grey))
+            self.top = (score, frame, path, p, report.thumbnail_png(grey), z)
         if row["verdict"] == "classify" and float(row["confidence"]) >= self.min_confidence:
             cls, c = row["class"], float(row["confidence"])
             if cls not in self.best or c > self.best[cls][0]:
-                self.best[cls] = (c, frame, path, p, report.thumbnail_png(grey))
+                self.best[cls] = (c, frame, path, p, report.thumbnail_png(grey), z)
 
     def detail(self, verdict: dict, series: bool) -> dict:
-        """{probabilities, thumbnail, thumbnail_note} for the volume's verdict (a VolumeTally.verdict())."""
+        """{probabilities, thumbnail, thumbnail_note} (and part_scores when the B-scans had them) for the
+        volume's verdict (a VolumeTally.verdict())."""
         where = lambda frame, path: f"frame {frame}" + (f" ({os.path.basename(path)})" if series else "")  # noqa: E731
         if verdict["verdict"] == "classify" and verdict["class"] in self.best:
-            c, frame, path, probs, png = self.best[verdict["class"]]
+            c, frame, path, probs, png, z = self.best[verdict["class"]]
             note = f"{where(frame, path)}: the most confident {verdict['class']} B-scan ({c:.3f})"
         elif verdict["verdict"] == "refer" and self.top is not None:
-            score, frame, path, probs, png = self.top
+            score, frame, path, probs, png, z = self.top
             note = f"{where(frame, path)}: the highest anomaly score ({score:.4g})"
         else:
             return {"probabilities": None, "thumbnail": None, "thumbnail_note": "no B-scan could be decoded"}
-        return {"probabilities": probs, "thumbnail": png, "thumbnail_note": note}
+        return {"probabilities": probs, "thumbnail": png, "thumbnail_note": note,
+                **({"part_scores": z} if z is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------ screening
 
+def _part_fields(screener, parts) -> dict:
+    """screener.part_fields(parts), or {} for a screener without part scores."""
+    fields = getattr(screener, "part_fields", None)
+    return fields(parts) if fields is not None else {}
+
+
 def _frames(screener, volume: dicom.DicomVolume, details: bool):
-    """(frame number in the file, B-scan row, probabilities or None, display grey or None), one at a time."""
+    """(frame number in the file, B-scan row, probabilities or None, display grey or None, part scores or
+    None), one at a time."""
+    predict_parts = getattr(screener, "predict_parts", None)
     for number, x, grey in volume.iter_frames_with_display(screener.image_size):
         if isinstance(x, ImageError):
-            yield number, {**frame_error_row(volume.path, x.reason), **screener.referral_fields(None)}, None, None
+            yield (number, {**frame_error_row(volume.path, x.reason), **screener.referral_fields(None),
+                            **_part_fields(screener, None)}, None, None, None)
         else:
-            probs, score, flag = screener.predict(x)
-            row = {**frame_row(volume.path, probs, score, flag, screener.classes), **screener.referral_fields(probs)}
-            yield number, row, probs, (grey if details else None)
+            probs, score, flag, parts = predict_parts(x) if predict_parts else (*screener.predict(x), None)
+            row = {**frame_row(volume.path, probs, score, flag, screener.classes), **screener.referral_fields(probs),
+                   **_part_fields(screener, parts)}
+            yield number, row, probs, (grey if details else None), parts
 
 
 def screen_volume(screener, path: str, options: VolumeOptions = VolumeOptions(), details: bool = False,
@@ -509,7 +533,8 @@ def screen_volume(screener, path: str, options: VolumeOptions = VolumeOptions(),
     try:
         volume = dicom.open_volume(path, keep_identifiers=options.keep_identifiers)
     except ImageError as exc:
-        yield {**frame_error_row(path, exc.reason), **screener.referral_fields(None), "level": LEVEL_VOLUME,
+        yield {**frame_error_row(path, exc.reason), **screener.referral_fields(None),
+               **_part_fields(screener, None), "level": LEVEL_VOLUME,
                "reason": _join(placement.note, "file not screened"), "files": 1,
                **({report.DETAIL_KEY: {"thumbnail_note": "file not screened"}} if details else {})}
         return
@@ -517,10 +542,10 @@ def screen_volume(screener, path: str, options: VolumeOptions = VolumeOptions(),
              "files": 1, "laterality": volume.laterality, **volume.identifiers}
     tally = VolumeTally(screener.classes, options.min_confidence, screener.referral_threshold)
     evidence = Evidence(options.min_confidence) if details else None
-    for number, row, probs, grey in _frames(screener, volume, details):
+    for number, row, probs, grey, parts in _frames(screener, volume, details):
         tally.add(row, number)
         if evidence is not None:
-            evidence.consider(number, path, row, probs, grey)
+            evidence.consider(number, path, row, probs, grey, parts)
         if options.per_frame:
             yield {**row, "level": LEVEL_FRAME, "frame": number, "frames": volume.frames, **trace}
     verdict = tally.verdict()
@@ -548,7 +573,8 @@ def screen_series(screener, series: Series, options: VolumeOptions = VolumeOptio
             volume = dicom.open_volume(path, keep_identifiers=options.keep_identifiers)
         except ImageError as exc:  # changed or removed since its header was read for grouping
             number += 1
-            row = {**frame_error_row(path, exc.reason), **screener.referral_fields(None)}
+            row = {**frame_error_row(path, exc.reason), **screener.referral_fields(None),
+                   **_part_fields(screener, None)}
             tally.add(row, number)
             if options.per_frame:
                 yield {**row, "level": LEVEL_FRAME, "frame": number, "frames": n, "sop_instance_uid": "",
@@ -557,11 +583,11 @@ def screen_series(screener, series: Series, options: VolumeOptions = VolumeOptio
         identifiers = identifiers or volume.identifiers
         trace = {"sop_instance_uid": volume.sop_instance_uid, "series_instance_uid": uid, "files": 1,
                  "laterality": volume.laterality, **volume.identifiers}
-        for _, row, probs, grey in _frames(screener, volume, details):
+        for _, row, probs, grey, parts in _frames(screener, volume, details):
             number += 1
             tally.add(row, number)
             if evidence is not None:
-                evidence.consider(number, path, row, probs, grey)
+                evidence.consider(number, path, row, probs, grey, parts)
             if options.per_frame:
                 yield {**row, "level": LEVEL_FRAME, "frame": number, "frames": n, **trace}
     verdict = tally.verdict()
@@ -577,6 +603,7 @@ def duplicate_row(screener, path: str, placement: Placement) -> dict:
     """The error row of a file that repeats the SOP Instance UID of ``placement.duplicate_of`` (not screened)."""
     return {**frame_error_row(path, f"duplicate SOP Instance UID {placement.sop_instance_uid}: the same SOP "
                                     f"instance as {placement.duplicate_of}; not screened"),
-            **screener.referral_fields(None), "level": LEVEL_VOLUME, "reason": placement.note,
+            **screener.referral_fields(None), **_part_fields(screener, None), "level": LEVEL_VOLUME,
+            "reason": placement.note,
             "sop_instance_uid": placement.sop_instance_uid, "series_instance_uid": placement.series_instance_uid,
             "files": 1, "laterality": placement.laterality}
