@@ -684,3 +684,120 @@ def test_a_referral_threshold_that_is_no_probability_is_refused(referral_bundle,
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert _main("--bundle", str(broken), "--allow-unsigned", str(scans)) == 2
     assert "referral.threshold" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- detector part scores (issue 23)
+
+@pytest.fixture(scope="module")
+def parts_detector(run_dir):
+    """A real medrobust Detector (the default parts, no autoencoder) for the run's classifier, fitted on phantom
+    images: (detector, clean test images)."""
+    from medrobust.data import load_data
+    from medrobust.detection import Detector
+    from medrobust.models import load_classifier
+
+    data = load_data("phantom", image_size=IMAGE_SIZE, seed=0)
+    classifier = load_classifier(run_dir / "classifier.keras")
+    detector = Detector.fit(classifier, data["train"][0][:300], data["val"][0][:200], epochs=1)
+    return detector, data["test"][0][:32]
+
+
+@pytest.fixture(scope="module")
+def parts_bundle(run_dir, parts_detector, tmp_path_factory):
+    """An unsigned float bundle whose screening model has the part_scores output."""
+    from export.bundle import export_bundle
+
+    detector, x = parts_detector
+    out = tmp_path_factory.mktemp("parts") / "bundle"
+    export_bundle(run_dir, out, quantize="none", onnx=False, data=x, detector=detector, log=lambda m: None)
+    return out
+
+
+def test_the_bundle_lists_the_detector_parts_and_its_part_scores_make_the_anomaly_score(parts_bundle, parts_detector):
+    from medrobust_screen.screener import Screener
+
+    detector, x = parts_detector
+    manifest = json.loads((parts_bundle / "manifest.json").read_text())
+    parts = manifest["detector"]["parts"]
+    assert [p["name"] for p in parts] == list(detector.parts) and all(p["description"] for p in parts)
+    assert manifest["detector"]["combination"]["rule"] == detector.combination
+    assert "part_scores" in manifest["outputs"] and "part_scores" in manifest["files"]["screening.tflite"]["outputs"]
+    screener = Screener(parts_bundle, allow_unsigned=True)
+    assert screener.part_names == tuple(detector.parts) and screener.columns[-1] == "top_part"
+    keras_scores = detector.score(x[:8])
+    keras_parts = detector.part_scores(keras_scores)  # numpy standardisation of the Keras detector's parts
+    for i in range(8):
+        probs, score, flag, z = screener.predict_parts(x[i])
+        assert z.shape == (len(detector.parts),) and z.dtype == np.float32
+        # the device's part scores are the Keras detector's, and combine to the device's own anomaly score
+        np.testing.assert_allclose(z, keras_parts[i], rtol=1e-3, atol=5e-3)
+        assert abs(detector.combine(z[None])[0] - score) <= 1e-4 * max(1.0, abs(score))  # float32 rounding
+        p3, s3, f3 = screener.predict(x[i])  # predict: the same first three values
+        assert np.array_equal(p3, probs) and (s3, f3) == (score, flag)
+    # a changed part score would not give the combined score back: the check above can fail
+    z = screener.predict_parts(x[0])[3]
+    assert abs(detector.combine((z + np.eye(len(z), dtype=np.float32)[int(np.argmax(z))])[None])[0]
+               - detector.combine(z[None])[0]) > 0.1
+
+
+def test_rows_name_the_top_part_only_for_bundles_with_part_scores(parts_bundle, bundle_dir, scans, tmp_path):
+    from medrobust_screen.screener import Screener
+
+    out, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(out), "--quiet") == 0
+    assert _main("--bundle", str(bundle_dir), "--allow-unsigned", str(scans), "--out", str(old), "--quiet") == 0
+    rows, old_rows = _rows_csv(out), _rows_csv(old)
+    assert list(rows[0])[-1] == "top_part" and "top_part" not in old_rows[0]
+    screener = Screener(parts_bundle, allow_unsigned=True)
+    assert Screener(bundle_dir, allow_unsigned=True).parts is None
+    for row in rows:
+        if row["verdict"] == "error":
+            assert row["top_part"] == ""
+            continue
+        z = screener.predict_parts(screener.load(row["file"]))[3]
+        assert row["top_part"] == screener.part_names[int(np.argmax(z))]
+    doc_path = tmp_path / "new.json"
+    assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(doc_path), "--quiet") == 0
+    doc = json.loads(doc_path.read_text())
+    assert [p["name"] for p in doc["detector_parts"]] == list(screener.part_names)
+    assert all(("top_part" in r) and (r["top_part"] or r["verdict"] == "error") for r in doc["results"])
+    old_doc = tmp_path / "old.json"
+    assert _main("--bundle", str(bundle_dir), "--allow-unsigned", str(scans), "--out", str(old_doc), "--quiet") == 0
+    old_doc = json.loads(old_doc.read_text())
+    assert "detector_parts" not in old_doc and not any("top_part" in r for r in old_doc["results"])
+
+
+def test_the_report_shows_the_part_scores_and_names_the_top_part(parts_bundle, bundle_dir, scans, tmp_path):
+    html_path, out = tmp_path / "r.html", tmp_path / "r.csv"
+    assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(out), "--report",
+                 str(html_path), "--quiet") == 0
+    text = html_path.read_text(encoding="utf-8")
+    rows = [r for r in _rows_csv(out) if r["verdict"] != "error"]
+    names = json.loads((parts_bundle / "manifest.json").read_text())["detector"]["parts"]
+    assert "only the combined anomaly score" not in text and "no per-part scores" not in text
+    assert text.count('<table class="parts">') == len(rows)
+    for row in rows:
+        assert f"top part <b>{row['top_part']}</b>" in text
+    for part in names:
+        assert f">{part['name']}</td>" in text and part["name"] in text
+    old = tmp_path / "old.html"
+    assert _main("--bundle", str(bundle_dir), "--allow-unsigned", str(scans), "--report", str(old), "--quiet") == 0
+    old_text = old.read_text(encoding="utf-8")
+    assert "only the combined anomaly score" in old_text and '<table class="parts">' not in old_text
+
+
+@pytest.mark.parametrize("change", ["drop", "extra", "bad"])
+def test_a_manifest_whose_parts_do_not_match_the_model_is_refused(parts_bundle, bundle_dir, scans, tmp_path, capsys,
+                                                                  change):
+    broken = _copy(bundle_dir if change == "extra" else parts_bundle, tmp_path)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    if change == "drop":
+        del manifest["detector"]["parts"]
+    elif change == "extra":  # an old model (no part_scores output) with a manifest claiming parts
+        manifest["detector"]["parts"] = [{"name": "boundary", "description": ""}]
+    else:
+        manifest["detector"]["parts"] = manifest["detector"]["parts"][:-1]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "signature.json").unlink(missing_ok=True)
+    assert _main("--bundle", str(broken), "--allow-unsigned", str(scans)) == 2
+    assert "part" in capsys.readouterr().err
