@@ -31,7 +31,8 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless,  # noqa: E402
                          generate_uid)
-from test_runtime import (ENV, IMAGE_SIZE, NO_TF, REAL_DATA, bundle_dir, keys, referral_bundle,  # noqa: E402,F401
+from test_runtime import (ENV, IMAGE_SIZE, NO_TF, REAL_DATA, bundle_dir, keys, parts_bundle,  # noqa: E402,F401
+                          parts_detector, referral_bundle,
                           run_dir)  # (fixtures)
 
 from export import dicom  # noqa: E402
@@ -829,3 +830,23 @@ def test_grouping_reads_headers_only(series_study, monkeypatch):
         assert s.series_instance_uid == uids[s.laterality] and len(s.paths) == 5
         numbers = [int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) for p in s.paths]
         assert numbers == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.realdata
+def test_a_volume_names_the_top_part_of_its_highest_scoring_bscan(parts_bundle, series_study, tmp_path):  # noqa: F811
+    root, _, _ = series_study
+    out, html_path = tmp_path / "r.json", tmp_path / "r.html"
+    assert _main("--bundle", str(parts_bundle), str(root), "--allow-unsigned", "--per-frame", "--out", str(out),
+                 "--report", str(html_path), "--quiet") == 0
+    rows = json.loads(out.read_text())["results"]
+    names = [p["name"] for p in json.loads((parts_bundle / "manifest.json").read_text())["detector"]["parts"]]
+    volumes = [r for r in rows if r["level"] == "volume"]
+    assert len(volumes) == 2
+    for volume in volumes:
+        frames = [r for r in rows if r["level"] == "frame" and r["laterality"] == volume["laterality"]]
+        assert all(f["top_part"] in names for f in frames)
+        top = max(frames, key=lambda f: f["anomaly_score"])
+        assert volume["anomaly_score"] == top["anomaly_score"] and volume["top_part"] == top["top_part"]
+    text = html_path.read_text(encoding="utf-8")
+    assert text.count("detector part scores of the B-scan shown") == 2  # one table per volume, not per frame
+    assert "only the combined anomaly score" not in text
