@@ -333,3 +333,48 @@ def test_score_model_converts_to_tflite_and_matches(detector, phantom):
     got8 = converters.run_tflite(int8, x)["anomaly_score"]
     assert np.all(np.isfinite(got8))
     assert spearmanr(got8, ref["combined"]).statistic > 0.8
+
+
+@pytest.mark.slow
+def test_part_scores_combine_to_the_combined_score_by_every_rule(detector, phantom):
+    """The standardised part scores (Detector.part_scores, and the graph's part_scores output) give the combined
+    score back by Detector.combine, for every combination rule; they name the detector's parts in order."""
+    import tensorflow as tf
+
+    from medrobust.detection import COMBINATIONS
+
+    x_val, x = phantom["val"][0], phantom["test"][0][:64]
+    for rule in COMBINATIONS:
+        det = detector.with_parts(detector.parts, x_val, combination=rule)
+        scores = det.score(x)
+        z = det.part_scores(scores)
+        assert z.shape == (len(x), len(det.parts))
+        np.testing.assert_allclose(det.combine(z), scores["combined"], rtol=1e-4, atol=1e-4)
+        graph = det.score_tensor(tf.constant(x), with_part_scores=True)
+        np.testing.assert_allclose(graph["part_scores"].numpy(), z, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(graph["combined"].numpy(), det.score_tensor(tf.constant(x))["combined"].numpy())
+        shifted = z.copy()
+        shifted[:, -1] += 5.0  # a part score that is off changes the combination (the check can fail)
+        assert np.max(np.abs(det.combine(shifted) - scores["combined"])) > 0.5
+    assert [p["name"] for p in detector.describe_parts()] == list(detector.parts)
+    with pytest.raises(ValueError, match="part scores must be"):
+        detector.combine(np.zeros((3, len(detector.parts) + 1)))
+
+
+@pytest.mark.slow
+def test_the_part_scores_output_leaves_the_int8_screening_scores_bit_for_bit(detector, classifier, phantom):
+    """Adding the part_scores output to the fused screening model changes none of its other outputs in int8
+    (mixed scope, compacted), with every part; its part scores combine to its own anomaly score."""
+    from export import converters, screening
+
+    x, calib = phantom["test"][0][:64], phantom["train"][0][:100]
+    without = converters.run_tflite(converters.to_tflite(
+        screening.screening_model(classifier, detector, part_scores=False), "int8", calib), x)
+    model = screening.screening_model(classifier, detector)
+    assert "part_scores" in model.export_outputs
+    got = converters.run_tflite(converters.to_tflite(model, "int8", calib), x)
+    assert sorted(got) == sorted([*without, "part_scores"])
+    for name, value in without.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    score = got["anomaly_score"]
+    assert np.all(np.abs(detector.combine(got["part_scores"]) - score) <= 1e-4 * np.maximum(1.0, np.abs(score)))
