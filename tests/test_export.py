@@ -241,14 +241,40 @@ def test_onnx_int8_recipe_matches_tflite(bundle_dir):
         assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node), name  # the rest is int8
 
 
-def test_fused_model_applies_the_verdict_rule(bundle_dir, phantom):
-    from export import converters
+def test_fused_model_applies_the_verdict_rule(bundle_dir, phantom, keras_models):
+    from export import converters, screening
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     out = converters.run_tflite((bundle_dir / "screening.tflite").read_bytes(), phantom["test"][0][:200])
-    assert set(out) == {"probabilities", "anomaly_score", "flag", "threshold"}
+    parts = {"part_scores"} if screening.detector_parts(keras_models[1]) else set()  # the real detector has parts
+    assert set(out) == {"probabilities", "anomaly_score", "flag", "threshold"} | parts
     np.testing.assert_array_equal(out["flag"] > 0.5, out["anomaly_score"] > manifest["threshold"])
     assert np.all(out["threshold"] == np.float32(manifest["threshold"]))  # the threshold the flags use
+
+
+def test_the_int8_screening_model_exports_the_detector_part_scores(bundle_dir, phantom, keras_models):
+    """screening.tflite (int8) and screening.onnx carry part_scores [n, k] for the run's detector: the manifest
+    names the parts in order, they agree with the Keras detector's standardised parts, and they combine to
+    the file's own anomaly score by the detector's rule."""
+    from export import converters
+
+    detector = keras_models[1]
+    if not hasattr(detector, "describe_parts"):
+        pytest.skip("the run has no medrobust detector (stand-in without parts)")
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["detector"]["parts"]] == list(detector.parts)
+    assert manifest["detector"]["combination"]["rule"] == detector.combination
+    assert manifest["files"]["screening.tflite"]["outputs"]["part_scores"]["shape"] == [-1, len(detector.parts)]
+    x = phantom["test"][0][:200]
+    keras_z = detector.part_scores(detector.score(x))
+    for name, run in (("screening.tflite", converters.run_tflite), ("screening.onnx", converters.run_onnx)):
+        out = run((bundle_dir / name).read_bytes(), x)
+        z, score = out["part_scores"], out["anomaly_score"]
+        assert z.shape == (len(x), len(detector.parts)), name
+        assert np.all(np.abs(detector.combine(z) - score) <= 1e-4 * np.maximum(1.0, np.abs(score))), name
+        for i, part in enumerate(detector.parts):  # int8 moves each part a little; it still tracks Keras
+            assert np.corrcoef(z[:, i], keras_z[:, i])[0, 1] > 0.9, (name, part)
+    assert "part_scores" not in converters.run_tflite((bundle_dir / "detector.tflite").read_bytes(), x[:4])
 
 
 # ----------------------------------------------------------------------------------------- bundle
