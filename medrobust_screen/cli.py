@@ -32,7 +32,9 @@ its probability). A file that cannot be screened (corrupt, empty, not an image, 
 unsupported pixel mode) gets verdict ``error`` and the reason in ``error``; the run goes on.
 ``training_data`` says what data the model was trained on (``SYNTHETIC data (phantom) ...``) and
 ``bundle_signature`` whether the bundle's signature was verified; the JSON output carries both in
-its header instead.
+its header instead. A bundle with a referral point adds p_disease, disease_screen; one whose screening model
+has detector part scores adds top_part (the part with the highest standardised score; the JSON header lists
+``detector_parts``).
 
 DICOM OCT files (``.dcm``/``.dicom``, or any file starting with a DICOM preamble; single- or
 multi-frame, 8/16-bit, MONOCHROME1/2, rescale/window applied) are read by ``medrobust_screen.dicom`` and
