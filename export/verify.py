@@ -41,7 +41,8 @@ from medrobust import cli
 from medrobust.io import atomic_write_json
 
 from medrobust_screen.manifest import BundleError, read_manifest, verify_files
-from medrobust_screen.screener import OUTPUT_FLAG, OUTPUT_PROBABILITIES, OUTPUT_SCORE, OUTPUT_THRESHOLD
+from medrobust_screen.screener import (OUTPUT_FLAG, OUTPUT_PART_SCORES, OUTPUT_PROBABILITIES, OUTPUT_SCORE,
+                                       OUTPUT_THRESHOLD)
 
 PARITY = "parity.json"
 
@@ -340,6 +341,10 @@ def _compare(clean: dict, adv: dict, ref: dict, y: np.ndarray, threshold: float,
         keras_score = np.asarray(ref["clean"][OUTPUT_SCORE], np.float64)
         row["max_rel_diff_anomaly_score"] = float(np.max(np.abs(clean[OUTPUT_SCORE] - keras_score)
                                                          / np.maximum(1.0, np.abs(keras_score))))
+    if OUTPUT_PART_SCORES in clean and OUTPUT_PART_SCORES in ref["clean"]:  # z-units like the score
+        keras_parts = np.asarray(ref["clean"][OUTPUT_PART_SCORES], np.float64)
+        row["max_rel_diff_part_scores"] = float(np.max(np.abs(clean[OUTPUT_PART_SCORES] - keras_parts)
+                                                       / np.maximum(1.0, np.abs(keras_parts))))
     return row
 
 
