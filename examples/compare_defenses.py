@@ -447,7 +447,7 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines += ["", "SYNTHETIC data: these numbers show what the code measures; they are not evidence about real "
                   "OCT scans. Run the same command with `--data octmnist` or a folder of real scans."]
     else:
-        lines += ["", f"{results['n_test_images']} test scans: a difference of a few points between two rows is within "
+        lines += ["", f"{results['n_test_images']} {results.get('split', 'test')} scans: a difference of a few points between two rows is within "
                   "the sampling error (each evaluation's report.md gives 95% Wilson intervals)."]
     return "\n".join(lines) + "\n"
 
