@@ -314,7 +314,7 @@ def help_text(component, argv: list[str]) -> str:
     from fire import docstrings
 
     doc = docstrings.parse(inspect.getdoc(component) or "")
-    described = {arg.name: " ".join((arg.description or "").split()) for arg in doc.args or []}
+    described = option_descriptions(component)
     parameters = [(name, p) for name, p in inspect.signature(component).parameters.items()
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     required = [name for name, p in parameters if p.default is p.empty]
@@ -331,6 +331,36 @@ def help_text(component, argv: list[str]) -> str:
     lines.append("  -h, --help")
     lines += _wrap("show this help and exit", 6)
     return "\n".join(lines) + "\n"
+
+
+def option_descriptions(function) -> dict[str, str]:
+    """{parameter: its description} from the Google-style "Args:" section of the function's docstring.
+
+    An entry starts with "name:" at the section's indentation; every more-indented line continues it, so a
+    continuation line may itself hold a colon ("point: the threshold ...") or start with "--" (Fire's
+    parser reads such a line as the end of the entry and drops the rest of the description)."""
+    names = set(inspect.signature(function).parameters)
+    described: dict[str, list[str]] = {}
+    base = current = None
+    inside = False
+    for line in (inspect.getdoc(function) or "").splitlines():
+        text = line.strip()
+        if not inside:
+            inside = text in ("Args:", "Arguments:")
+            continue
+        if not text:
+            continue
+        indent = len(line) - len(line.lstrip())
+        base = indent if base is None else base
+        if indent < base:  # the next section (Returns:, Raises:, ...)
+            break
+        name, colon, rest = text.partition(":")
+        if indent == base and colon and name.strip() in names:
+            current = name.strip()
+            described[current] = [rest.strip()]
+        elif current is not None:
+            described[current].append(text)
+    return {name: " ".join(" ".join(parts).split()) for name, parts in described.items()}
 
 
 def _summary(function) -> str:

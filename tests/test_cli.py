@@ -101,10 +101,10 @@ def _cli_functions():
 
 
 def test_help_describes_every_option():
-    from fire import docstrings
+    from medrobust.cli import option_descriptions
 
     for function in _cli_functions():
-        described = {a.name: a.description for a in docstrings.parse(function.__doc__).args or []}
+        described = option_descriptions(function)
         missing = [p for p in inspect.signature(function).parameters if not (described.get(p) or "").strip()]
         assert not missing, f"{function.__module__}.{function.__name__}: no help for {', '.join(missing)}"
 
@@ -167,3 +167,14 @@ def test_readme_test_command_is_what_ci_runs_and_ci_deletes_nothing_of_yours():
     assert ci_steps == readme_steps
     removals = [ln for ln in script.splitlines() if re.search(r"\brm\b", ln)]
     assert all("mktemp" in script and "$tmp" in ln for ln in removals), removals
+
+
+def test_help_keeps_continuation_lines_with_colons():
+    """A continuation line holding "word:" or starting with "--" once ended an option's help mid-sentence."""
+    from medrobust.cli import help_text
+    from medrobust.train import train
+
+    text = " ".join(help_text(train, []).split())
+    assert "operating point: the threshold on P(disease) = 1 - P(NORMAL) is chosen on the validation split" in text
+    assert "free for trades: one signed step along the clean loss's input gradient" in text
+    assert "then the UAD detector." in text
