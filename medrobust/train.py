@@ -40,13 +40,14 @@ ARCH_MIN_SIZE = {"mobilenet_v3_small": 32}  # medrobust.models.mobilenet.MIN_SIZ
 STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
 AUGMENT = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
+PSEUDO_CLASS_WEIGHTS = ("none", "balanced")
 SAMPLINGS = ("natural", "balanced")  # medrobust.data.pipeline.SAMPLINGS (checked before TensorFlow loads)
 DETECTOR_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
                   "squeeze_bits", "squeeze_median", "boundary")  # medrobust.detection.ALL_PARTS (checked before TF loads)
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
 # Options added after runs were written: a config.json without them was trained with these values.
-ADDED_LATER = {"sampling": "natural", "referral_sensitivity": 0.95}
+ADDED_LATER = {"sampling": "natural", "referral_sensitivity": 0.95, "pseudo_class_weight": "none"}
 # What this command writes into --out (and all --overwrite may remove): files, and folders with the
 # files in them that are ours (the detector's, see medrobust.detection.detector; Keras BackupAndRestore's;
 # TensorBoard's event files).
@@ -65,8 +66,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
           lr_schedule: str = "cosine",
           pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
           teacher: str | None = "auto", pretrain_epochs: float = 3.0, strategy: str = "none",
-          detector_epochs: int = 10, target_fpr: float = 0.05, detector_parts: str = "default", augment: str = "auto", class_weight: str = "balanced",
-          sampling: str = "natural", referral_sensitivity: float = 0.95,
+          detector_epochs: int = 10, target_fpr: float = 0.05, detector_parts: str = "default", augment: str = "auto",
+          class_weight: str = "balanced",
+          sampling: str = "natural", referral_sensitivity: float = 0.95, pseudo_class_weight: str = "none",
           weights: str | None = None, overwrite="false", tensorboard="false", progress="true") -> dict:
     """Train a classifier with the chosen method and, unless --detector false, the UAD detector.
 
@@ -75,10 +77,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         or downloadable (MD5-checked), else the SYNTHETIC phantom with a warning. The data actually used
         is recorded in config.json; evaluate and export use it by default.
       method: ssat | standard | pgd_at | trades | mart (Wang et al. 2020: boosted CE on PGD adversaries +
-        beta * KL weighted by the clean misclassification, medrobust/training/supervised.py). ssat by default trains the recipe that met the safety
-        targets on real scans in one command: a standard teacher on the same labeled subset (into
-        OUT/teacher, reused when its options match), then SSAT's robust self-training form with that
-        teacher's pseudo-labels, then the UAD detector.
+        beta * KL weighted by the clean misclassification, medrobust/training/supervised.py). ssat by
+        default trains the recipe that met the safety targets on real scans in one command: a standard
+        teacher on the same labeled subset (into OUT/teacher, reused when its options match), then
+        SSAT's robust self-training form with that teacher's pseudo-labels, then the UAD detector.
       label_fraction: share of training labels used (stratified), in (0, 1]; SSAT uses the rest as
         unlabeled data.
       unlabeled: (--method ssat) a pool of scans that were never labeled, added to SSAT's unlabeled
@@ -135,6 +137,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       class_weight: balanced (each class weighs n / (4 n_c) in every method's labeled loss) | none.
       sampling: natural (shuffled passes over the labeled scans) | balanced (each class drawn equally often
         into the labeled batches, so rare classes are seen and attacked as often as common ones).
+      pseudo_class_weight: (--method ssat) none (every pseudo-labeled scan weighs 1) | balanced (each
+        pseudo-labeled scan weighs its pseudo-class's --class-weight, in the pseudo-label loss and the
+        unlabeled KL term, so the rare classes of the unlabeled pool are fitted and defended as much as
+        the labeled ones; needs --class-weight balanced; see medrobust/training/ssat.py).
       referral_sensitivity: target disease-vs-NORMAL sensitivity in (0, 1] for the referral operating
         point: the threshold on P(disease) = 1 - P(NORMAL) is chosen on the validation split (the highest
         one that reaches the target there), written to metrics.json, and used by evaluate and the bundle.
@@ -170,6 +176,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         data=str(data), out=str(out), augment=_choice(augment, AUGMENT, "augment"),
         class_weight=_choice(class_weight, CLASS_WEIGHTS, "class-weight"),
         sampling=_choice(sampling, SAMPLINGS, "sampling"),
+        pseudo_class_weight=_choice(pseudo_class_weight, PSEUDO_CLASS_WEIGHTS, "pseudo-class-weight"),
         weights=None if weights is None else str(Path(str(weights)).expanduser()),
         unlabeled=None if unlabeled is None else str(Path(str(unlabeled)).expanduser()),
     )
@@ -187,6 +194,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     if options["weights"] is not None and not Path(options["weights"]).is_file():
         raise cli.UsageError(f"--weights {weights}: no such file")
     _check_teacher(options)
+    if options["pseudo_class_weight"] == "balanced" and (options["method"], options["class_weight"]) != ("ssat", "balanced"):
+        raise cli.UsageError("--pseudo-class-weight balanced weighs SSAT's pseudo-labeled scans by --class-weight "
+                             "balanced: it needs --method ssat and --class-weight balanced")
     with _data_loaded_once():
         pool = _unlabeled_pool(options)  # before any work: a pool that leaks val or test scans is refused
         out_dir = Path(options["out"])
@@ -453,6 +463,7 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
         return dict(eps_range=(o["train_eps"],) * 2 if trades else eps, lam=o["lam"], attack=o["attack"],
                     pgd_steps=o["pgd_steps"], confidence=o["confidence"], teacher=teacher,
                     loss=o.get("ssat_loss", "ce"), beta=o.get("beta", 6.0),
+                    pseudo_class_weight=o.get("pseudo_class_weight", "none") == "balanced",
                     # A snapshot needs at least one labeled-only step, even for a one-batch epoch.
                     pretrain_steps=max(int(teacher == "snapshot"), round(pretrain * steps_per_epoch)))
     if o["method"] == "pgd_at":

@@ -172,6 +172,62 @@ def test_trades_loss_parts_match_the_formula():
     np.testing.assert_allclose(logits.numpy(), clean[:BATCH].numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("attack", ["pgd", "free"])
+def test_pseudo_class_weight_weighs_each_pseudo_labeled_image_by_its_pseudo_class(attack):
+    """pseudo_class_weight: the pseudo-label CE and the unlabeled KL become means weighted by the class
+    weight of each image's pseudo-label (the labeled terms keep their true class's weight)."""
+    x, y = _data()
+    x_u, _ = _data(seed=1)
+    weights = np.array([0.5, 1.0, 2.0, 4.0])
+    clf = _classifier()
+    # A random linear teacher: an untrained CNN's inference-mode labels are all one class.
+    teacher = keras.Sequential([keras.Input((SIZE, SIZE, 1)), keras.layers.Flatten(),
+                                keras.layers.LayerNormalization(),
+                                keras.layers.Dense(4, kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0, 3))])
+    pseudo = teacher(x_u, training=False).numpy().argmax(-1)
+    assert len(set(pseudo.tolist())) > 1, "the test needs more than one pseudo-class"
+    trainer = _trades(clf, teacher=teacher, lam=2.0, beta=5.0, class_weights=weights.tolist(),
+                      pseudo_class_weight=True, attack=attack)
+    if attack == "free":  # the step's own clean pass: [x; x_u] in training mode, before its update
+        plain = _trades(_classifier(), teacher=teacher, lam=2.0, beta=5.0, class_weights=weights.tolist(),
+                        attack=attack)
+        clean_u = _classifier()(np.concatenate([x, x_u]), training=True)[BATCH:]
+        ce_u, pw = _ce(clean_u, pseudo).numpy(), weights[pseudo]
+        data = ((tf.constant(x), tf.constant(x_u)), tf.constant(y))
+        weighted, unweighted = trainer.train_step(data), plain.train_step(data)
+        np.testing.assert_allclose(float(weighted["labeled_ce"]), float(unweighted["labeled_ce"]), rtol=1e-5)
+        np.testing.assert_allclose(float(weighted["pseudo_ce"]), (pw * ce_u).sum() / pw.sum(), rtol=1e-4)
+        np.testing.assert_allclose(float(unweighted["pseudo_ce"]), ce_u.mean(), rtol=1e-4)
+        return
+    prepared = _prepared(trainer, x, y, x_u)
+    np.testing.assert_array_equal(prepared["pseudo"].numpy(), pseudo)
+    parts, _ = trainer.objective(tf.constant(x), tf.constant(y), prepared)
+    clean = clf(prepared["x_all"], training=True)
+    kl = _kl(clean, clf(prepared["x_adv"], training=True)).numpy()
+    wy, pw = weights[y], weights[pseudo]
+    expected = {"labeled_ce": (wy * _ce(clean[:BATCH], y).numpy()).sum() / wy.sum(),
+                "robust_kl": (wy * kl[:BATCH]).sum() / wy.sum(),
+                "pseudo_ce": (pw * _ce(clean[BATCH:], pseudo).numpy()).sum() / pw.sum(),
+                "unlabeled_kl": (pw * kl[BATCH:]).sum() / pw.sum()}
+    for name, value in expected.items():
+        np.testing.assert_allclose(float(parts[name]), value, rtol=1e-4, atol=1e-7, err_msg=name)
+    assert abs(expected["unlabeled_kl"] - kl[BATCH:].mean()) > 1e-3 * kl[BATCH:].mean()  # the weights matter
+
+
+def test_pseudo_class_weight_needs_class_weights_and_the_cli_checks_it_first(tmp_path):
+    from medrobust import cli
+    from medrobust.train import train
+
+    with pytest.raises(ValueError, match="class_weights"):
+        SSATTrainer(_classifier(), loss="trades", pseudo_class_weight=True)
+    for kwargs in (dict(method="standard"), dict(class_weight="none")):
+        with pytest.raises(cli.UsageError, match="--pseudo-class-weight balanced"):
+            train(data="phantom", pseudo_class_weight="balanced", out=str(tmp_path / "never"), **kwargs)
+    with pytest.raises(cli.UsageError, match="pseudo-class-weight"):
+        train(data="phantom", pseudo_class_weight="yes", out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
 def test_beta_zero_reduces_to_the_ce_parts():
     x, y = _data()
     x_u, _ = _data(seed=1)

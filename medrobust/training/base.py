@@ -10,7 +10,8 @@ replicas; the Mean trackers record the unscaled values, so logs read the same on
 Class balance: with `class_weights` (one weight per class, e.g. `balanced_class_weights`), every
 labeled per-example term becomes a weighted mean over the GLOBAL batch, sum(w_i * l_i) / sum(w_i),
 the sum of weights all-reduced across replicas (as torch's CrossEntropyLoss(weight=...) does on one
-device). The weight of an example is that of its true class; pseudo-labeled images stay unweighted.
+device). The weight of an example is that of its true class; pseudo-labeled images stay unweighted unless
+SSAT's pseudo_class_weight gives them their pseudo-label's.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ skips its (costly) attacks then.
 
 Class weights (base.Trainer): the labeled CE and KL terms are class-weighted means; in the ce form the
 adversarial term, when it attacks the labeled batch (no unlabeled pool), carries the true classes'
-weights; pseudo-labeled images weigh 1.
+weights; pseudo-labeled images weigh 1, or with pseudo_class_weight the weight of their pseudo-label's
+class (in the pseudo-label CE and the unlabeled KL).
 
 Distribution: the masked mean is taken over the global batch (the kept count is all-reduced across
 replicas), so a replica holding few confident pseudo-labels does not get a larger weight; the other
@@ -77,7 +78,7 @@ class SSATTrainer(Trainer):
     def __init__(self, classifier: keras.Model, eps_range=(0.001, 0.003), lam: float | None = None,
                  attack: str | None = None, pgd_steps: int = 10, confidence: float = 0.0,
                  teacher: keras.Model | str | None = None, pretrain_steps: int = 0, joint_forward: bool = False,
-                 loss: str = "ce", beta: float = 6.0, **kwargs):
+                 loss: str = "ce", beta: float = 6.0, pseudo_class_weight: bool = False, **kwargs):
         """
         Args:
           eps_range: (eps_min, eps_max) in [0, 1] pixel scale; each attacked image draws its own eps.
@@ -99,6 +100,11 @@ class SSATTrainer(Trainer):
             shared batch statistics, which changes the method; see benchmarks/ssat_step.py.
           loss: "ce" (the paper's adversarial pseudo-label CE) or "trades" (RST); see the module docstring.
           beta: (loss="trades") weight of the KL terms, TRADES' trade-off.
+          pseudo_class_weight: weigh each pseudo-labeled image by the class weight of its pseudo-label
+            (needs class_weights) in the pseudo-label loss and the unlabeled KL term, so the rare classes
+            of the unlabeled pool are attacked and fitted as much as the labeled ones (a per-class weighted
+            TRADES, in the spirit of the class-aware adversarial training of Wang et al. 2020 and Xu et al.
+            2021, "To be robust or to be fair"). Off: every pseudo-labeled image weighs 1.
 
         Raises:
           ValueError: an option out of range or unknown.
@@ -123,6 +129,8 @@ class SSATTrainer(Trainer):
             raise ValueError(f"need lam >= 0, beta >= 0, 0 <= confidence < 1, pgd_steps >= 1, pretrain_steps >= 0; "
                              f"got lam={lam}, beta={beta}, confidence={confidence}, pgd_steps={pgd_steps}, "
                              f"pretrain_steps={pretrain_steps}")
+        if pseudo_class_weight and self.class_weights is None:
+            raise ValueError("pseudo_class_weight needs class_weights")
         if joint_forward and loss != "ce":
             raise ValueError("joint_forward applies to loss='ce' only")
         if attack == "free" and loss != "trades":
@@ -133,6 +141,7 @@ class SSATTrainer(Trainer):
             raise ValueError("teacher='snapshot' needs pretrain_steps > 0 (a snapshot of the untrained model "
                              "would label at random)")
         self.loss, self.beta = loss, float(beta)
+        self.pseudo_class_weight = bool(pseudo_class_weight)
         if loss != "ce":  # this form's own loss parts, each with its Mean tracker
             self.loss_parts = LOSS_PARTS[loss]
             self.trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_parts}
@@ -206,9 +215,10 @@ class SSATTrainer(Trainer):
         # No unlabeled pool (label fraction 1.0): the labeled batch is attacked against its true labels,
         # so SSAT becomes FGSM/PGD adversarial training rather than a pull toward a teacher's mistakes.
         x_adv, pseudo, kept = self.craft(x, labels=y) if x_u is None else self.craft(x_u)
-        # Adversaries of the labeled batch carry their true class's weight; pseudo-labeled ones weigh 1.
+        # Adversaries of the labeled batch carry their true class's weight; pseudo-labeled ones weigh 1
+        # (their pseudo-class's weight with pseudo_class_weight).
         return {"x_adv": x_adv, "pseudo": pseudo,
-                **self._kept_counts(kept, self.example_weights(y) if x_u is None else None)}
+                **self._kept_counts(kept, self.example_weights(y) if x_u is None else self._pseudo_weights(pseudo))}
 
     def _prepare_trades(self, x, x_u) -> dict:
         x_all = x if x_u is None else tf.concat([x, x_u], axis=0)
@@ -226,7 +236,16 @@ class SSATTrainer(Trainer):
 
         x_adv, pseudo, kept = attack() if self.pretrain_steps == 0 else tf.cond(self._active(), attack, skip)
         return {"x_all": x_all, "x_adv": tf.stop_gradient(x_adv), "pseudo": pseudo, "semi": x_u is not None,
-                **self._kept_counts(kept)}
+                **self._kept_counts(kept, self._pseudo_weights(pseudo))}
+
+    def _pseudo_weights(self, pseudo):
+        """float32 [n_u]: each pseudo-labeled image's weight, its pseudo-class's (pseudo_class_weight), else None."""
+        return self.example_weights(pseudo) if self.pseudo_class_weight else None
+
+    def _unlabeled_mean(self, per_example, pseudo):
+        """Mean of a label-free term over the unlabeled batch: plain, or weighted by pseudo-class over the
+        global batch (pseudo_class_weight)."""
+        return self.labeled_mean(per_example, pseudo) if self.pseudo_class_weight else mean_over_batch(per_example)
 
     @staticmethod
     def _kept_counts(kept, weights=None) -> dict:
@@ -288,7 +307,7 @@ class SSATTrainer(Trainer):
             if x_u is not None:
                 source = tf.stop_gradient(clean[n:]) if teacher_logits is None else teacher_logits
                 pseudo, kept = self._pseudo_labels(source)
-                counts = self._kept_counts(kept)
+                counts = self._kept_counts(kept, self._pseudo_weights(pseudo))
                 pseudo_ce = self._masked_mean(ce(clean[n:], pseudo), counts)
             else:
                 counts = self._kept_counts(tf.zeros([0], tf.bool))
@@ -304,7 +323,7 @@ class SSATTrainer(Trainer):
         with tf.GradientTape() as tape:
             kl = kl_divergence(target, self.classifier(x_adv, training=True))
             robust = self.labeled_mean(kl[:n], y)
-            unlabeled_kl = mean_over_batch(kl[n:]) if x_u is not None else tf.constant(0.0)
+            unlabeled_kl = self._unlabeled_mean(kl[n:], pseudo) if x_u is not None else tf.constant(0.0)
             adv_loss = on * self.beta * (robust + self.lam * unlabeled_kl)
             scaled = self.optimizer.scale_loss(adv_loss / replicas)
         grads = [a + b for a, b in zip(grads, tape.gradient(scaled, weights))]
@@ -348,7 +367,7 @@ class SSATTrainer(Trainer):
         robust = self.labeled_mean(kl[:n], y)
         if prepared["semi"]:
             pseudo_ce = self._masked_mean(ce(clean[n:], prepared["pseudo"]), prepared)
-            unlabeled_kl = mean_over_batch(kl[n:])
+            unlabeled_kl = self._unlabeled_mean(kl[n:], prepared["pseudo"])
         else:  # no unlabeled batch: TRADES on the labeled batch
             pseudo_ce = unlabeled_kl = tf.constant(0.0)
         on = 1.0 if self.pretrain_steps == 0 else tf.cast(self._active(), tf.float32)
