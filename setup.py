@@ -33,6 +33,7 @@ setup(
         "dicom-lossless": ["pylibjpeg>=2.0,<3", "pylibjpeg-libjpeg>=2.1,<3"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5,<4",  # the suite runs on 2 workers (README, .ci/run)
             "hypothesis>=6.100",
             "adversarial-robustness-toolbox>=1.18",
         ],

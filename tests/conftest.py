@@ -38,9 +38,16 @@ def real_scans() -> Path:
 
 @pytest.fixture
 def report(request):
+    # Kept on the test's user_properties, which pytest-xdist sends from its workers to the main process.
     def add(line: str) -> None:
-        _FIGURES.append(f"{request.node.nodeid}: {line}")
+        request.node.user_properties.append(("measured_figure", line))
     return add
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":  # the last report of a test: every figure it added is on it
+        _FIGURES.extend(f"{report.nodeid}: {value}" for name, value in report.user_properties
+                        if name == "measured_figure")
 
 
 def pytest_terminal_summary(terminalreporter):
