@@ -40,7 +40,6 @@ ARCH_MIN_SIZE = {"mobilenet_v3_small": 32}  # medrobust.models.mobilenet.MIN_SIZ
 STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
 AUGMENT = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
-PSEUDO_CLASS_WEIGHTS = ("none", "balanced")
 SAMPLINGS = ("natural", "balanced")  # medrobust.data.pipeline.SAMPLINGS (checked before TensorFlow loads)
 DETECTOR_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early", "mahalanobis_middle", "residual",
                   "squeeze_bits", "squeeze_median", "boundary")  # medrobust.detection.ALL_PARTS (checked before TF loads)
@@ -177,7 +176,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         data=str(data), out=str(out), augment=_choice(augment, AUGMENT, "augment"),
         class_weight=_choice(class_weight, CLASS_WEIGHTS, "class-weight"),
         sampling=_choice(sampling, SAMPLINGS, "sampling"),
-        pseudo_class_weight=_choice(pseudo_class_weight, PSEUDO_CLASS_WEIGHTS, "pseudo-class-weight"),
+        pseudo_class_weight=_choice(pseudo_class_weight, CLASS_WEIGHTS, "pseudo-class-weight"),
         weights=None if weights is None else str(Path(str(weights)).expanduser()),
         unlabeled=None if unlabeled is None else str(Path(str(unlabeled)).expanduser()),
     )
@@ -195,7 +194,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     if options["weights"] is not None and not Path(options["weights"]).is_file():
         raise cli.UsageError(f"--weights {weights}: no such file")
     _check_teacher(options)
-    if options["pseudo_class_weight"] == "balanced" and (options["method"], options["class_weight"]) != ("ssat", "balanced"):
+    if (options["pseudo_class_weight"] == "balanced"
+            and (options["method"], options["class_weight"]) != ("ssat", "balanced")):
         raise cli.UsageError("--pseudo-class-weight balanced weighs SSAT's pseudo-labeled scans by --class-weight "
                              "balanced: it needs --method ssat and --class-weight balanced")
     with _data_loaded_once():

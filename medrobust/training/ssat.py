@@ -217,8 +217,8 @@ class SSATTrainer(Trainer):
         x_adv, pseudo, kept = self.craft(x, labels=y) if x_u is None else self.craft(x_u)
         # Adversaries of the labeled batch carry their true class's weight; pseudo-labeled ones weigh 1
         # (their pseudo-class's weight with pseudo_class_weight).
-        return {"x_adv": x_adv, "pseudo": pseudo,
-                **self._kept_counts(kept, self.example_weights(y) if x_u is None else self._pseudo_weights(pseudo))}
+        weights = self.example_weights(y) if x_u is None else self._pseudo_weights(pseudo)
+        return {"x_adv": x_adv, "pseudo": pseudo, **self._kept_counts(kept, weights)}
 
     def _prepare_trades(self, x, x_u) -> dict:
         x_all = x if x_u is None else tf.concat([x, x_u], axis=0)
