@@ -19,7 +19,6 @@ only the training split's part is scored.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,31 +28,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medrobust import cli  # noqa: E402  (after the path insert, so a checkout runs without installing)
 from medrobust.classes import CLASSES  # noqa: E402
+from medrobust.evaluation.metrics import balanced_accuracy, clinical_metrics  # noqa: E402
+from medrobust.io import atomic_write_json, read_json  # noqa: E402
 
 LABELINGS = ("raw", "flip", "aligned")
 
 
-def pseudo_label_quality(probs: np.ndarray, y: np.ndarray, n_classes: int = len(CLASSES)) -> dict:
+def pseudo_label_quality(probs: np.ndarray, y: np.ndarray) -> dict:
     """Per-class quality of hard pseudo-labels argmax(probs) against the true labels y.
 
-    probs: float [n, C] (rows need not sum to 1); y: int [n]. Returns {"accuracy", "balanced_accuracy"
-    (mean recall over the classes present), "per_class": [{"count", "pseudo_count", "recall",
-    "precision"}] (None where undefined)}. Raises ValueError on mismatched shapes or an empty pool.
+    probs: float [n, 4] (rows need not sum to 1); y: int [n]. Recall is clinical_metrics' sensitivity,
+    precision is read off its confusion matrix. Returns {"accuracy", "balanced_accuracy" (mean recall over
+    the classes present), "per_class": [{"count", "pseudo_count", "recall", "precision"}] (None where
+    undefined)}. Raises ValueError on mismatched shapes or an empty pool.
     """
     probs, y = np.asarray(probs, np.float64), np.asarray(y).astype(np.int64)
-    if probs.ndim != 2 or probs.shape[0] != y.shape[0] or probs.shape[0] == 0 or probs.shape[1] != n_classes:
-        raise ValueError(f"probs must be [n, {n_classes}] with n = len(y) > 0, got {probs.shape} and {y.shape}")
-    pseudo = probs.argmax(1)
-    per_class = []
-    for c in range(n_classes):
-        true_c, pseudo_c = y == c, pseudo == c
-        per_class.append({
-            "count": int(true_c.sum()), "pseudo_count": int(pseudo_c.sum()),
-            "recall": float(np.mean(pseudo[true_c] == c)) if true_c.any() else None,
-            "precision": float(np.mean(y[pseudo_c] == c)) if pseudo_c.any() else None,
-        })
-    recalls = [p["recall"] for p in per_class if p["recall"] is not None]
-    return {"accuracy": float(np.mean(pseudo == y)), "balanced_accuracy": float(np.mean(recalls)),
+    if probs.ndim != 2 or probs.shape[0] != y.shape[0] or probs.shape[0] == 0 or probs.shape[1] != len(CLASSES):
+        raise ValueError(f"probs must be [n, {len(CLASSES)}] with n = len(y) > 0, got {probs.shape} and {y.shape}")
+    metrics = clinical_metrics(y, probs)
+    cm = np.asarray(metrics["confusion_matrix"])
+    per_class = [{"count": int(cm[c].sum()), "pseudo_count": int(cm[:, c].sum()),
+                  "recall": metrics["per_class"][name]["sensitivity"],
+                  "precision": float(cm[c, c] / cm[:, c].sum()) if cm[:, c].any() else None}
+                 for c, name in enumerate(CLASSES)]
+    return {"accuracy": metrics["accuracy"], "balanced_accuracy": balanced_accuracy(metrics["per_class"]),
             "per_class": per_class}
 
 
@@ -77,14 +75,13 @@ def _teacher_path(run: Path, config: dict) -> Path:
     return path
 
 
-def score_run(run: Path) -> dict:
-    """The three labelings' quality for one run folder (see the module docstring)."""
+def score_run(run: Path, config: dict) -> dict:
+    """The three labelings' quality for one run folder and its config.json (see the module docstring)."""
     import keras
 
     from medrobust.data import load_run_data
     from medrobust.data.splits import labeled_unlabeled_split
 
-    config = json.loads((run / "config.json").read_text())
     teacher_path = _teacher_path(run, config)
     data = load_run_data(config)
     x, y = data["train"]
@@ -127,22 +124,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="SSAT run folders")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file (a new file)")
     args = parser.parse_args(argv)
-    runs = [Path(r) for r in args.runs]
-    for run in runs:  # every run checked before any model loads
+    configs = {}
+    for run in map(Path, args.runs):  # every run checked before any model loads
         if not (run / "config.json").is_file():
             raise cli.UsageError(f"{run}: no config.json (not a medrobust run folder)")
-        _teacher_path(run, json.loads((run / "config.json").read_text()))
+        try:
+            configs[run] = read_json(run / "config.json")
+        except ValueError as exc:  # names the file and what is wrong with it
+            raise cli.UsageError(str(exc)) from None
+        _teacher_path(run, configs[run])
     if args.json and Path(args.json).exists():
         raise cli.UsageError(f"--json {args.json} exists; choose a new file (this script never overwrites)")
     cli.import_tensorflow()
     results = []
-    for run in runs:
-        results.append(score_run(run))
+    for run, config in configs.items():
+        results.append(score_run(run, config))
         print("\n".join(table(results[-1])) + "\n", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": "python benchmarks/pseudo_labels.py "
-                                               + " ".join(argv if argv is not None else sys.argv[1:]),
-                                               "results": results}, indent=1))
+        atomic_write_json(args.json, {"command": "python benchmarks/pseudo_labels.py "
+                                     + " ".join(argv if argv is not None else sys.argv[1:]), "results": results})
         print(f"wrote {args.json}")
 
 

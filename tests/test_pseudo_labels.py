@@ -99,3 +99,12 @@ def test_scores_a_run_on_its_own_unlabeled_pool_and_writes_json(tmp_path):
     assert [p["pseudo_count"] for p in result["raw"]["per_class"]] == np.bincount(pseudo, minlength=4).tolist()
     again = _cli(run, "--json", out)  # never overwrites
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_a_corrupt_config_is_named_not_a_traceback(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    done = _cli(run)
+    assert done.returncode == 2 and "config.json" in done.stderr and "not valid JSON" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -64,6 +64,12 @@ def clinical_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
+def balanced_accuracy(per_class: dict) -> float | None:
+    """Balanced accuracy: the mean sensitivity over the classes present (clinical_metrics' per_class), or None."""
+    values = [v["sensitivity"] for v in per_class.values() if v["sensitivity"] is not None]
+    return float(np.mean(values)) if values else None
+
+
 def detection_auroc(clean_scores: np.ndarray, attacked_scores: np.ndarray) -> float | None:
     """AUROC of separating attacked from clean inputs by anomaly score (None if either side is empty)."""
     if len(clean_scores) == 0 or len(attacked_scores) == 0:

@@ -25,7 +25,7 @@ import numpy as np
 from medrobust.attacks.driver import predict_labels, predict_probabilities
 from medrobust.classes import CLASSES
 from medrobust.evaluation.adaptive import joint_objective
-from medrobust.evaluation.metrics import clinical_metrics, detection_auroc, roc_points, wilson_ci
+from medrobust.evaluation.metrics import balanced_accuracy, clinical_metrics, detection_auroc, roc_points, wilson_ci
 from medrobust.evaluation.referral import operating_points
 from medrobust.evaluation.risk import clean_false_referral_rate, system_risk
 from medrobust.evaluation.suite import GRADIENT_ATTACKS, NORMS, AttackSettings, make_attack
@@ -62,7 +62,7 @@ class SystemEvaluator:
     def clean_report(self) -> dict:
         out = clinical_metrics(self.y, self.clean_probs)
         report = {"clean_accuracy": out.pop("accuracy"), "clean_accuracy_ci95": out.pop("accuracy_ci95"),
-                  "clean_balanced_accuracy": _balanced(out["per_class"]), **out,
+                  "clean_balanced_accuracy": balanced_accuracy(out["per_class"]), **out,
                   "referral": operating_points(self.clean_probs, self.y, self.referral_threshold)}
         if self.detector is not None:
             flagged = self.clean_scores["combined"] > self.detector.threshold
@@ -273,12 +273,6 @@ class SystemEvaluator:
             return {"combined": np.zeros(0, np.float32)}
         parts = [self.detector.score(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _balanced(per_class: dict) -> float | None:
-    """Balanced accuracy: the mean sensitivity over the classes present."""
-    values = [v["sensitivity"] for v in per_class.values() if v["sensitivity"] is not None]
-    return float(np.mean(values)) if values else None
 
 
 def _stable_hash(text: str) -> int:
