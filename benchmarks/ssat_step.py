@@ -92,6 +92,8 @@ def main() -> None:
     methods["ssat trades (kl one step from TRADES' start, --attack fgsm)"] = (
         "ssat", {**trades_form, "attack": "fgsm"}, ((x, x_u), y))
     methods[DEFAULT_FORM] = ("ssat", {**trades_form, "attack": "free"}, ((x, x_u), y))
+    methods["ssat trades (free with N-FGSM noise, --attack free --free-noise 2)"] = (
+        "ssat", {**trades_form, "attack": "free", "free_noise": 2.0}, ((x, x_u), y))
     if not args.no_variants:
         methods["ssat (fgsm, joint forward)"] = ("ssat", dict(joint_forward=True), ((x, x_u), y))
         methods[f"ssat (pgd-{k})"] = ("ssat", dict(attack="pgd", pgd_steps=k), ((x, x_u), y))

@@ -29,6 +29,7 @@ TEACHERS = ("auto", "standard", "snapshot", "none")  # or the path of a classifi
 # PGD-10 form measured in the README). --ssat-loss ce --teacher snapshot is the paper's form.
 SSAT_DEFAULTS = {"ssat_loss": "trades", "teacher": "standard"}
 RST_ATTACK = "free"  # --attack when --ssat-loss trades and none is given
+FREE_NOISE = 0.0  # --free-noise when --attack free and none is given
 # Other methods ignore these; their config.json keeps the values recorded before the SSAT defaults
 # changed, so reruns of earlier standard/PGD-AT/TRADES runs still resume.
 OTHER_DEFAULTS = {"ssat_loss": "ce", "teacher": "snapshot"}
@@ -46,7 +47,7 @@ DETECTOR_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
 # Options added after runs were written: a config.json without them was trained with these values.
-ADDED_LATER = {"sampling": "natural", "referral_sensitivity": 0.95, "pseudo_class_weight": "none"}
+ADDED_LATER = {"sampling": "natural", "referral_sensitivity": 0.95, "pseudo_class_weight": "none", "free_noise": 0.0}
 # What this command writes into --out (and all --overwrite may remove): files, and folders with the
 # files in them that are ours (the detector's, see medrobust.detection.detector; Keras BackupAndRestore's;
 # TensorBoard's event files).
@@ -59,7 +60,7 @@ RUN_FOLDER_FILES = {"detector": ("autoencoder.keras", "detector.json", "stats.np
 def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, unlabeled: str | None = None,
           epochs: str = "auto",
           image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float | None = None,
-          attack: str | None = None, ssat_loss: str = "auto", detector="true", seed: int = 0, arch: str = "auto",
+          attack: str | None = None, free_noise: float | None = None, ssat_loss: str = "auto", detector="true", seed: int = 0, arch: str = "auto",
           width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           lr_schedule: str = "cosine",
@@ -99,6 +100,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         --ssat-loss ce, free for trades: one signed step along the clean loss's input gradient, taken
         from the update's own backward pass (4.3-5.5x a standard step at 64 px; pgd: 10-22x; see
         medrobust/training/ssat.py and benchmarks/ssat_step.py).
+      free_noise: (--attack free) k >= 0: start each adversary from uniform noise of k * --train-eps and
+        leave the step unprojected (N-FGSM, de Jorge et al. 2022; same cost). Default 0 (from the image).
       ssat_loss: auto (trades for --method ssat) | ce (the paper: lam * CE on adversaries of pseudo-labeled
         unlabeled scans; --ssat-loss ce --teacher snapshot is the paper's form) | trades (robust
         self-training, Carmon et al. 2019: TRADES on labeled and pseudo-labeled scans, with --train-eps,
@@ -164,8 +167,14 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         attack = RST_ATTACK
     if method == "ssat" and attack == "free" and ssat_loss != "trades":
         raise cli.UsageError("--attack free needs --ssat-loss trades")
+    free = method == "ssat" and attack == "free"
+    if free_noise is not None and not free:
+        raise cli.UsageError("--free-noise applies to --method ssat --attack free only")
+    free_noise = (FREE_NOISE if free_noise is None else cli.parse_float(free_noise, "free-noise")) if free else 0.0
+    if free_noise < 0:
+        raise cli.UsageError(f"--free-noise must be >= 0, got {free_noise}")
     options.update(
-        method=method, ssat_loss=ssat_loss, teacher=teacher, attack=attack,
+        method=method, ssat_loss=ssat_loss, teacher=teacher, attack=attack, free_noise=free_noise,
         strategy=_choice(strategy, STRATEGIES, "strategy"), arch=_choice(arch, ARCHS, "arch"),
         eps=cli.parse_floats(eps, "eps"),
         detector_parts=("default" if str(detector_parts).strip().lower() == "default"
@@ -465,6 +474,7 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
                     pgd_steps=o["pgd_steps"], confidence=o["confidence"], teacher=teacher,
                     loss=o.get("ssat_loss", "ce"), beta=o.get("beta", 6.0),
                     pseudo_class_weight=o.get("pseudo_class_weight", "none") == "balanced",
+                    free_noise=o.get("free_noise", 0.0),
                     # A snapshot needs at least one labeled-only step, even for a one-batch epoch.
                     pretrain_steps=max(int(teacher == "snapshot"), round(pretrain * steps_per_epoch)))
     if o["method"] == "pgd_at":

@@ -276,10 +276,13 @@ def test_gradient_flows_through_both_sides_of_the_kl():
         assert max(np.abs(g - o).max() for g, o in zip(got, one_side)) > 1e-3 * max(np.abs(g).max() for g in got)
 
 
-def _free_reference(clf, teacher, x, y, x_u, lam, beta, eps):
+def _free_reference(clf, teacher, x, y, x_u, lam, beta, eps, noise=None):
     """attack="free" by hand: pass 1 gives the clean loss's weight and input gradients, one signed step of
-    eps, pass 2 adds beta * KL(fixed clean || adversarial) on labeled and (times lam) unlabeled images."""
+    eps, pass 2 adds beta * KL(fixed clean || adversarial) on labeled and (times lam) unlabeled images.
+    With noise (N-FGSM), pass 1 and the unprojected step start from x + noise."""
     x_all = tf.constant(np.concatenate([x, x_u]))
+    if noise is not None:
+        x_all = tf.clip_by_value(x_all + noise, 0.0, 1.0)
     pseudo = np.argmax(teacher(x_u, training=False).numpy(), -1)
     weights = clf.trainable_weights
     with tf.GradientTape(persistent=True) as tape:
@@ -311,6 +314,33 @@ def test_free_attack_step_matches_its_formula_with_one_optimizer_update():
     np.testing.assert_allclose(float(logs["loss"]), want_loss, rtol=1e-4)
     for got, expected in zip(start.trainable_weights, want):
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_free_noise_is_n_fgsm_from_the_noisy_image_without_projection():
+    """free_noise=k: pass 1 at x + U[-k eps, k eps] noise (the trainer's own draw, replayed under the same
+    eager seed), one unprojected signed step of eps from there, the same one-update step as attack="free"."""
+    x, y = _data()
+    x_u, _ = _data(seed=1)
+    teacher, start = _classifier(7), _classifier(0)
+    lam, beta, eps, k = 2.0, 5.0, 0.01, 2.0
+    shape = (2 * BATCH, *x.shape[1:])
+    tf.random.set_seed(123)
+    tf.random.uniform([2 * BATCH], eps, eps)  # the trainer draws its per-image eps first
+    noise = tf.random.uniform(shape, -1.0, 1.0) * (k * eps)
+    want, want_loss, x_adv = _free_reference(_classifier(0), teacher, x, y, x_u, lam, beta, eps, noise=noise)
+    distance = tf.reduce_max(tf.abs(x_adv - np.concatenate([x, x_u])), axis=[1, 2, 3])
+    assert float(tf.reduce_max(distance)) <= (k + 1) * eps + TOL
+    assert float(tf.reduce_min(distance)) > eps  # outside the eps-ball: the step is not projected back
+    trainer = _trades(start, teacher=teacher, lam=lam, beta=beta, attack="free", free_noise=k)
+    tf.random.set_seed(123)
+    logs = trainer.train_step(((tf.constant(x), tf.constant(x_u)), tf.constant(y)))
+    np.testing.assert_allclose(float(logs["loss"]), want_loss, rtol=1e-4)
+    for got, expected in zip(start.trainable_weights, want):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="free_noise"):
+        SSATTrainer(_classifier(), loss="trades", attack="pgd", free_noise=2.0)
+    with pytest.raises(ValueError, match="free_noise"):
+        SSATTrainer(_classifier(), loss="trades", attack="free", free_noise=-1.0)
 
 
 def test_free_attack_needs_the_trades_form_and_the_cli_refuses_it_with_ce(tmp_path):

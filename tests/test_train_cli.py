@@ -268,6 +268,9 @@ def test_overwrite_removes_the_teacher_run_as_the_runs_own_and_keeps_foreign_fil
     (["--method", "ssat", "--ssat-loss", "ce", "--attack", "free"], "--attack free needs --ssat-loss trades"),
     (["--method", "ssat", "--teacher", "/no/such/teacher.keras"], "--teacher /no/such/teacher.keras: no such file"),
     (["--method", "ssat", "--ssat-loss", "kl"], "--ssat-loss must be one of"),
+    (["--method", "ssat", "--attack", "pgd", "--free-noise", "2"], "--free-noise applies to --method ssat --attack free"),
+    (["--method", "standard", "--free-noise", "2"], "--free-noise applies to --method ssat --attack free"),
+    (["--method", "ssat", "--free-noise", "-1"], "--free-noise must be >= 0"),
 ])
 def test_bad_ssat_options_are_one_line_errors_before_any_teacher_is_trained(tmp_path, args, words):
     result = run_cli("--data", "phantom", *args, "--out", str(tmp_path / "r"))

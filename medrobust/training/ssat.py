@@ -37,6 +37,11 @@ attack="free" (loss="trades" only; the cheap form, 4.3-5.5x a standard step at 6
   as the other trades forms do. Without a teacher the pseudo-labels come from that same training-mode
   pass (the other forms label in inference mode). Its robustness must be measured against the PGD-k
   forms (README).
+  free_noise = k > 0 makes it N-FGSM (de Jorge et al. 2022, "Make some noise: reliable and efficient
+  single-step adversarial training"): pass 1 sees x + eta, eta ~ U[-k eps, k eps] per pixel, the signed
+  step of eps is taken from there along pass 1's input gradient (now a gradient at the noisy point, as in
+  FGSM with a random start) and is not projected back into the eps-ball, so an adversary lies up to
+  (k + 1) eps from x; the clean loss and the KL's fixed target are those of x + eta. Same cost.
 
 During the `pretrain_steps` labeled-only steps the loss is CE(f(x), y) alone; the trades form also
 skips its (costly) attacks then.
@@ -78,7 +83,8 @@ class SSATTrainer(Trainer):
     def __init__(self, classifier: keras.Model, eps_range=(0.001, 0.003), lam: float | None = None,
                  attack: str | None = None, pgd_steps: int = 10, confidence: float = 0.0,
                  teacher: keras.Model | str | None = None, pretrain_steps: int = 0, joint_forward: bool = False,
-                 loss: str = "ce", beta: float = 6.0, pseudo_class_weight: bool = False, **kwargs):
+                 loss: str = "ce", beta: float = 6.0, pseudo_class_weight: bool = False, free_noise: float = 0.0,
+                 **kwargs):
         """
         Args:
           eps_range: (eps_min, eps_max) in [0, 1] pixel scale; each attacked image draws its own eps.
@@ -105,6 +111,8 @@ class SSATTrainer(Trainer):
             of the unlabeled pool are attacked and fitted as much as the labeled ones (a per-class weighted
             TRADES, in the spirit of the class-aware adversarial training of Wang et al. 2020 and Xu et al.
             2021, "To be robust or to be fair"). Off: every pseudo-labeled image weighs 1.
+          free_noise: (attack="free") k >= 0: uniform noise of k * eps before the signed step, which is then
+            not projected (N-FGSM, de Jorge et al. 2022; k = 2 there); 0: the step is taken from x itself.
 
         Raises:
           ValueError: an option out of range or unknown.
@@ -135,6 +143,9 @@ class SSATTrainer(Trainer):
             raise ValueError("joint_forward applies to loss='ce' only")
         if attack == "free" and loss != "trades":
             raise ValueError("attack='free' applies to loss='trades' only")
+        if not 0.0 <= float(free_noise) or (float(free_noise) > 0 and attack != "free"):
+            raise ValueError(f"free_noise must be >= 0 and applies to attack='free' only, got {free_noise} "
+                             f"with attack={attack!r}")
         if isinstance(teacher, str) and teacher != "snapshot":
             raise ValueError(f"teacher must be None, a keras.Model or 'snapshot', got {teacher!r}")
         if teacher == "snapshot" and int(pretrain_steps) == 0:
@@ -142,6 +153,7 @@ class SSATTrainer(Trainer):
                              "would label at random)")
         self.loss, self.beta = loss, float(beta)
         self.pseudo_class_weight = bool(pseudo_class_weight)
+        self.free_noise = float(free_noise)
         if loss != "ce":  # this form's own loss parts, each with its Mean tracker
             self.loss_parts = LOSS_PARTS[loss]
             self.trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_parts}
@@ -298,6 +310,10 @@ class SSATTrainer(Trainer):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         on = 1.0 if self.pretrain_steps == 0 else tf.cast(self._active(), tf.float32)
         weights = self.classifier.trainable_weights
+        eps = self._eps(x_all)
+        if self.free_noise > 0:  # N-FGSM's start: pass 1 and the step both from the noisy image
+            noise = tf.random.uniform(tf.shape(x_all), -1.0, 1.0) * (self.free_noise * eps)
+            x_all = tf.clip_by_value(x_all + noise, 0.0, 1.0)
         # Pass 1: clean images; one backward pass gives the weight gradient and the input gradient.
         with tf.GradientTape() as tape:
             tape.watch(x_all)
@@ -316,8 +332,10 @@ class SSATTrainer(Trainer):
             scaled = self.optimizer.scale_loss(clean_loss / replicas)
         *grads, grad_x = tape.gradient(scaled, [*weights, x_all])
         # Unlabeled images out of the pseudo-label loss (pre-training, low confidence) get no step.
-        eps = self._eps(x_all)
-        x_adv = tf.stop_gradient(project(x_all + eps * tf.sign(grad_x), x_all, eps, "linf"))
+        x_adv = x_all + eps * tf.sign(grad_x)
+        # N-FGSM leaves the step unprojected (up to (k + 1) eps from x); either way it stays in [0, 1].
+        x_adv = tf.stop_gradient(tf.clip_by_value(x_adv, 0.0, 1.0) if self.free_noise > 0
+                                 else project(x_adv, x_all, eps, "linf"))
         target = tf.stop_gradient(clean)
         # Pass 2: adversaries, KL to the fixed clean predictions.
         with tf.GradientTape() as tape:
