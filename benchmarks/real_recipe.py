@@ -170,7 +170,7 @@ def main() -> None:
     from medrobust.data.splits import labeled_unlabeled_split
 
     o = {"augment": args.augment, "class_weight": args.class_weight, "method": args.method, "lr": args.lr,
-         "epochs": args.epochs, "lr_schedule": "cosine", "train_eps": 0.004, "pgd_steps": 10, "beta": 6.0,
+         "epochs": args.epochs, "lr_schedule": "cosine", "train_eps": None, "pgd_steps": 10, "beta": 6.0,
          "eps": (0.001, 0.003), "lam": None, "attack": None, "confidence": 0.0, "pretrain_epochs": 3.0,
          "ssat_loss": "trades", "teacher": args.teacher,
          "pseudo_class_weight": "none"}  # ssat: the train CLI's default form
@@ -184,6 +184,9 @@ def main() -> None:
         from medrobust.train import RST_ATTACK
 
         o["attack"] = RST_ATTACK  # as the train CLI: --attack free for the trades form
+    if o["train_eps"] is None:  # as the train CLI's --train-eps auto
+        from medrobust.train import default_train_eps
+        o["train_eps"] = default_train_eps(o["method"], o["attack"])
 
     def train_one(method, x, y, x_unlabeled, x_val, y_val, seed, n_train, teacher=None):
         """Train one model of the recipe; returns the classifier, seconds per epoch and val accuracy per epoch.

@@ -25,11 +25,20 @@ TEACHERS = ("auto", "standard", "snapshot", "none")  # or the path of a classifi
 # --method ssat's defaults (the recipe that met the safety targets on real scans, README "Which defence"):
 # robust self-training (--ssat-loss trades) with pseudo-labels from a standard model trained first on the
 # same labels (--teacher standard, into OUT/teacher), its adversaries from the update's own backward pass
-# (--attack free: the only form under 5x a standard step, benchmarks/ssat_step.py; --attack pgd is the
-# PGD-10 form measured in the README). --ssat-loss ce --teacher snapshot is the paper's form.
+# (--attack free: the only form under 5x a standard step, benchmarks/ssat_step.py, at --train-eps auto =
+# 2/255; --attack pgd is the PGD-10 form measured in the README). --ssat-loss ce --teacher snapshot is the
+# paper's form.
 SSAT_DEFAULTS = {"ssat_loss": "trades", "teacher": "standard"}
 RST_ATTACK = "free"  # --attack when --ssat-loss trades and none is given
 FREE_NOISE = 0.0  # --free-noise when --attack free and none is given
+# --train-eps auto: the free form's single step from the image needs twice PGD-10's budget to match its
+# robustness (kermany/val, three seeds: README "Which defence"); every other robust method trains at 1/255.
+TRAIN_EPS, FREE_TRAIN_EPS = 0.004, 0.008
+
+
+def default_train_eps(method: str, attack: str | None) -> float:
+    """--train-eps auto: FREE_TRAIN_EPS for --method ssat --attack free, else TRAIN_EPS ([0, 1] pixel scale)."""
+    return FREE_TRAIN_EPS if (method, attack) == ("ssat", "free") else TRAIN_EPS
 # Other methods ignore these; their config.json keeps the values recorded before the SSAT defaults
 # changed, so reruns of earlier standard/PGD-AT/TRADES runs still resume.
 OTHER_DEFAULTS = {"ssat_loss": "ce", "teacher": "snapshot"}
@@ -64,7 +73,7 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
           width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           lr_schedule: str = "cosine",
-          pgd_steps: int = 10, train_eps: float = 0.004, beta: float = 6.0, confidence: float = 0.0,
+          pgd_steps: int = 10, train_eps="auto", beta: float = 6.0, confidence: float = 0.0,
           teacher: str | None = "auto", pretrain_epochs: float = 3.0, strategy: str = "none",
           detector_epochs: int = 10, target_fpr: float = 0.05, detector_parts: str = "default", augment: str = "auto",
           class_weight: str = "balanced",
@@ -97,8 +106,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       eps: SSAT's (--ssat-loss ce) per-sample budget range "min,max" in [0, 1] pixel scale (one value = fixed).
       lam: weight of SSAT's unlabeled-batch loss (>= 0; default 3 for --ssat-loss ce, 1 for trades).
       attack: fgsm | pgd | free, how SSAT crafts its adversaries (pgd uses --pgd-steps); default fgsm for
-        --ssat-loss ce, free for trades: one signed step along the clean loss's input gradient, taken
-        from the update's own backward pass (4.3-5.5x a standard step at 64 px; pgd: 10-22x; see
+        --ssat-loss ce, free for trades: one signed step of --train-eps (auto: 2/255) along the clean loss's
+        input gradient, taken from the update's own backward pass (4.3-5.5x a standard step at 64 px; pgd: 10-22x; see
         medrobust/training/ssat.py and benchmarks/ssat_step.py).
       free_noise: (--attack free) k >= 0: start each adversary from uniform noise of k * --train-eps and
         leave the step unprojected (N-FGSM, de Jorge et al. 2022; same cost). Default 0 (from the image).
@@ -115,7 +124,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       lr_schedule: cosine (Adam's learning rate decays to 0 over all epochs) | constant. The decay
         also settles BatchNorm's moving statistics, so the final model is not a mid-swing snapshot.
       pgd_steps: PGD iterations for --attack pgd, PGD-AT, TRADES and MART.
-      train_eps: the budget of PGD-AT, TRADES, MART and SSAT --ssat-loss trades adversaries ([0, 1] pixel scale).
+      train_eps: the budget of PGD-AT, TRADES, MART and SSAT --ssat-loss trades adversaries ([0, 1] pixel
+        scale), or auto: 0.008 (2/255) for SSAT's --attack free form, whose one step from the image matched
+        PGD-10's robustness at 1/255 and 2/255 only at this budget (and cost DRUSEN sensitivity: README
+        "Which defence"), 0.004 (about 1/255) for every other method and form.
       beta: TRADES, MART (and SSAT --ssat-loss trades) trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
       teacher: where SSAT's pseudo-labels come from: auto (= standard) | standard (a standard model trained
@@ -175,6 +187,8 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         raise cli.UsageError(f"--free-noise must be >= 0, got {free_noise}")
     options.update(
         method=method, ssat_loss=ssat_loss, teacher=teacher, attack=attack, free_noise=free_noise,
+        train_eps=(default_train_eps(method, attack) if str(train_eps).strip().lower() == "auto"
+                   else cli.parse_float(train_eps, "train-eps")),
         strategy=_choice(strategy, STRATEGIES, "strategy"), arch=_choice(arch, ARCHS, "arch"),
         eps=cli.parse_floats(eps, "eps"),
         detector_parts=("default" if str(detector_parts).strip().lower() == "default"
@@ -686,6 +700,8 @@ def _check_numbers(o: dict) -> None:
     for name in ("epochs", "image_size", "batch_size", "pgd_steps", "detector_epochs"):
         if o[name] != "auto" and int(o[name]) < 1:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
+    if not 0 < o["train_eps"] <= 1:
+        raise cli.UsageError(f"--train-eps must be in (0, 1] ([0, 1] pixel scale) or auto, got {o['train_eps']}")
     if not o["lr"] > 0:
         raise cli.UsageError(f"--lr must be > 0, got {o['lr']}")
     if (o["lam"] is not None and o["lam"] < 0) or o["pretrain_epochs"] < 0:

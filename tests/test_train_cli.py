@@ -216,6 +216,7 @@ def test_ssat_trains_its_standard_teacher_on_the_same_labels_and_records_it(ssat
                 "class_weights", "epochs_resolved", "data_source"):
         assert teacher[key] == config[key], key
     assert (config["ssat_loss"], config["teacher"], config["attack"]) == ("trades", "standard", "free")
+    assert (config["train_eps"], config["free_noise"]) == (0.008, 0.0)  # --train-eps auto for the free form
     run = config["teacher_run"]
     assert run["path"] == str(out / "teacher" / "classifier.keras") and (out / "teacher" / "classifier.keras").is_file()
     assert run["config"]["method"] == "standard" and run["config"]["n_labeled"] == config["n_labeled"] == 400
@@ -271,6 +272,8 @@ def test_overwrite_removes_the_teacher_run_as_the_runs_own_and_keeps_foreign_fil
     (["--method", "ssat", "--attack", "pgd", "--free-noise", "2"], "--free-noise applies to --method ssat --attack free"),
     (["--method", "standard", "--free-noise", "2"], "--free-noise applies to --method ssat --attack free"),
     (["--method", "ssat", "--free-noise", "-1"], "--free-noise must be >= 0"),
+    (["--method", "ssat", "--train-eps", "0"], "--train-eps must be in (0, 1]"),
+    (["--method", "pgd_at", "--train-eps", "big"], "--train-eps must be a number"),
 ])
 def test_bad_ssat_options_are_one_line_errors_before_any_teacher_is_trained(tmp_path, args, words):
     result = run_cli("--data", "phantom", *args, "--out", str(tmp_path / "r"))
