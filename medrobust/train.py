@@ -31,8 +31,9 @@ TEACHERS = ("auto", "standard", "snapshot", "none")  # or the path of a classifi
 SSAT_DEFAULTS = {"ssat_loss": "trades", "teacher": "standard"}
 RST_ATTACK = "free"  # --attack when --ssat-loss trades and none is given
 FREE_NOISE = 0.0  # --free-noise when --attack free and none is given
-# --train-eps auto: the free form's single step from the image needs twice PGD-10's budget to match its
-# robustness (kermany/val, three seeds: README "Which defence"); every other robust method trains at 1/255.
+# --train-eps auto: the free form's single step from the image needs twice PGD-10's budget (0.008, just above
+# 2/255, the value measured) to match its robustness (kermany/val, three seeds: README "Which defence");
+# every other robust method trains at 0.004 (just above 1/255).
 TRAIN_EPS, FREE_TRAIN_EPS = 0.004, 0.008
 
 
@@ -105,12 +106,14 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
       out: run folder to write (classifier.keras, detector/, config.json, metrics.json, training_log.csv).
       eps: SSAT's (--ssat-loss ce) per-sample budget range "min,max" in [0, 1] pixel scale (one value = fixed).
       lam: weight of SSAT's unlabeled-batch loss (>= 0; default 3 for --ssat-loss ce, 1 for trades).
-      attack: fgsm | pgd | free, how SSAT crafts its adversaries (pgd uses --pgd-steps); default fgsm for
-        --ssat-loss ce, free for trades: one signed step of --train-eps (auto: 2/255) along the clean loss's
-        input gradient, taken from the update's own backward pass (4.3-5.5x a standard step at 64 px; pgd: 10-22x; see
+      attack: fgsm | pgd | free, how SSAT crafts its adversaries (pgd uses --pgd-steps; free needs --ssat-loss
+        trades); default fgsm for --ssat-loss ce, free for trades: one signed step of --train-eps (auto:
+        0.008) along the clean loss's input gradient, taken from the update's own backward pass (4.3-5.5x
+        a standard step at 64 px; pgd: 10-22x; see
         medrobust/training/ssat.py and benchmarks/ssat_step.py).
-      free_noise: (--attack free) k >= 0: start each adversary from uniform noise of k * --train-eps and
-        leave the step unprojected (N-FGSM, de Jorge et al. 2022; same cost). Default 0 (from the image).
+      free_noise: (--method ssat --attack free only) k >= 0: start each adversary from uniform noise of
+        k * --train-eps and leave the step unprojected (N-FGSM, de Jorge et al. 2022; same cost); not
+        given: 0, the step starts from the image itself.
       ssat_loss: auto (trades for --method ssat) | ce (the paper: lam * CE on adversaries of pseudo-labeled
         unlabeled scans; --ssat-loss ce --teacher snapshot is the paper's form) | trades (robust
         self-training, Carmon et al. 2019: TRADES on labeled and pseudo-labeled scans, with --train-eps,
@@ -125,9 +128,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         also settles BatchNorm's moving statistics, so the final model is not a mid-swing snapshot.
       pgd_steps: PGD iterations for --attack pgd, PGD-AT, TRADES and MART.
       train_eps: the budget of PGD-AT, TRADES, MART and SSAT --ssat-loss trades adversaries ([0, 1] pixel
-        scale), or auto: 0.008 (2/255) for SSAT's --attack free form, whose one step from the image matched
-        PGD-10's robustness at 1/255 and 2/255 only at this budget (and cost DRUSEN sensitivity: README
-        "Which defence"), 0.004 (about 1/255) for every other method and form.
+        scale; a fraction such as 2/255 is read exactly), or auto: 0.008 (just above 2/255) for SSAT's
+        --attack free form, whose one step from the image matched PGD-10's robustness at 1/255 and 2/255
+        only at this budget (and cost DRUSEN sensitivity: README "Which defence"), 0.004 (just above 1/255)
+        for every other method and form. The runs measured in the README used these decimal values.
       beta: TRADES, MART (and SSAT --ssat-loss trades) trade-off weight.
       confidence: SSAT pseudo-label confidence threshold tau (0 keeps all).
       teacher: where SSAT's pseudo-labels come from: auto (= standard) | standard (a standard model trained
@@ -367,7 +371,9 @@ def _train(o: dict, out_dir: Path, pool=None) -> dict:
                    "class_weights": recipe["class_weights"]}
         trainer = make_trainer(o["method"], classifier, **options)
         if o["method"] == "ssat":
-            print(f"ssat ({o['ssat_loss']}, {trainer.attack}): {options['pretrain_steps']} labeled-only steps, "
+            budget = (f"eps {o['train_eps']:g}" + (f", noise {trainer.free_noise:g} eps" if trainer.free_noise else "")
+                      if o["ssat_loss"] == "trades" else f"eps {trainer.eps_min:g}-{trainer.eps_max:g}")
+            print(f"ssat ({o['ssat_loss']}, {trainer.attack}, {budget}): {options['pretrain_steps']} labeled-only steps, "
                   f"then lam {trainer.lam} with pseudo-labels "
                   f"from {_teacher_name(o) if options['teacher'] is not None else 'the current model'}")
         trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(o, steps)))
@@ -547,8 +553,9 @@ def _already_done(out_dir: Path, options: dict) -> bool:
     if options["overwrite"]:
         _remove_run_files(out_dir, "--overwrite true: ")
         return False
+    # The folder is the run: the same folder written another way (relative, trailing slash) is no change.
     changed = sorted(k for k, v in options.items()
-                     if k not in NOT_PART_OF_RUN and _normal(old.get(k, ADDED_LATER.get(k))) != _normal(v))
+                     if k not in NOT_PART_OF_RUN and k != "out" and _normal(old.get(k, ADDED_LATER.get(k))) != _normal(v))
     if not _finished_an_epoch(out_dir):
         if changed:
             print(f"{out_dir}: the run there stopped before finishing an epoch, so its options do not hold; "
@@ -557,8 +564,9 @@ def _already_done(out_dir: Path, options: dict) -> bool:
         _remove_run_files(out_dir, "", keep_teacher=_teacher_matches(out_dir, options))
         return False
     if changed:
-        raise cli.UsageError(f"{out_dir} holds a run with other options ({', '.join(changed)}); "
-                             "use another --out or --overwrite true")
+        values = "; ".join(f"{k}: {old.get(k, ADDED_LATER.get(k))!r} there, {options[k]!r} now" for k in changed)
+        raise cli.UsageError(f"{out_dir} holds a run with other options ({values}; a default may have changed: "
+                             "pass the run's values to resume it); use another --out or --overwrite true")
     return (out_dir / "metrics.json").exists()
 
 

@@ -176,5 +176,5 @@ def test_help_keeps_continuation_lines_with_colons():
 
     text = " ".join(help_text(train, []).split())
     assert "operating point: the threshold on P(disease) = 1 - P(NORMAL) is chosen on the validation split" in text
-    assert "free for trades: one signed step of --train-eps (auto: 2/255) along the clean loss's input gradient" in text
+    assert "free for trades: one signed step of --train-eps (auto: 0.008) along the clean loss's input gradient" in text
     assert "then the UAD detector." in text

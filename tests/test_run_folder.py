@@ -167,8 +167,13 @@ def test_a_run_that_finished_an_epoch_still_pins_its_options(tiny_run, tmp_path)
     out.mkdir()
     shutil.copy(tiny_run[0] / "config.json", out / "config.json")
     (out / "backup").mkdir()  # Keras BackupAndRestore: an epoch finished, the rerun resumes it
-    with pytest.raises(cli.UsageError, match="other options"):
+    old = json.loads((out / "config.json").read_text())["batch_size"]
+    with pytest.raises(cli.UsageError, match=rf"other options \(batch_size: {old} there, 4 now;"):
         _already_done(out, _options(out, batch_size=4))
+    # The same folder written another way is the same run: only the changed option is named.
+    with pytest.raises(cli.UsageError, match=r"other options \(batch_size: [^;]*; a default may have changed"):
+        _already_done(out, _options(out, batch_size=4, out=str(out) + "/"))
+    assert _already_done(out, _options(out, out=str(out) + "/")) is False  # unfinished (no metrics.json), not refused
 
 
 # -- evaluate and export default to the data the run was trained on --
