@@ -11,9 +11,9 @@ training recipe for every method; the SSAT rows also fit the UAD detector) and t
 on [0, 1] images) beside 1/255 and 2/255. Rows with the detector are also attacked adaptively
 (classifier and detector together, worst case per image over the trade-off weights). ssat is the
 train CLI's default (a standard teacher on the same labels, then SSAT's robust self-training form,
---attack free, at --train-eps auto = 2/255); ssat_paper is the paper's form (--ssat-loss ce --teacher
-snapshot: lam * CE on FGSM adversaries of pseudo-labeled scans); ssat_pgd is the default recipe with PGD-10 adversaries (the form
-measured before the cheap default); ssat_trades the robust self-training form with the snapshot teacher
+--attack free, at --train-eps auto = 0.008); ssat_paper is the paper's form (--ssat-loss ce --teacher
+snapshot: lam * CE on FGSM adversaries of pseudo-labeled scans); ssat_pgd is the default recipe with
+PGD-10 adversaries at 0.004 (the form measured before the cheap default); ssat_trades the robust self-training form with the snapshot teacher
 and PGD-10. With --seeds every method trains and is evaluated once per seed (seed = data split, label
 subset, initialisation, attacks' random starts), and the tables give mean +- sd over the seeds first.
 --split val evaluates on the validation split (to choose a recipe without looking at test). It writes to

@@ -35,11 +35,6 @@ FREE_NOISE = 0.0  # --free-noise when --attack free and none is given
 # 2/255, the value measured) to match its robustness (kermany/val, three seeds: README "Which defence");
 # every other robust method trains at 0.004 (just above 1/255).
 TRAIN_EPS, FREE_TRAIN_EPS = 0.004, 0.008
-
-
-def default_train_eps(method: str, attack: str | None) -> float:
-    """--train-eps auto: FREE_TRAIN_EPS for --method ssat --attack free, else TRAIN_EPS ([0, 1] pixel scale)."""
-    return FREE_TRAIN_EPS if (method, attack) == ("ssat", "free") else TRAIN_EPS
 # Other methods ignore these; their config.json keeps the values recorded before the SSAT defaults
 # changed, so reruns of earlier standard/PGD-AT/TRADES runs still resume.
 OTHER_DEFAULTS = {"ssat_loss": "ce", "teacher": "snapshot"}
@@ -56,6 +51,8 @@ DETECTOR_PARTS = ("reconstruction", "feature", "mahalanobis", "mahalanobis_early
                   "squeeze_bits", "squeeze_median", "boundary")  # medrobust.detection.ALL_PARTS (checked before TF loads)
 # Options that do not change the result, so a rerun with a different value still resumes.
 NOT_PART_OF_RUN = {"overwrite", "progress", "tensorboard"}
+# ... and the folder itself, written another way (relative, trailing slash): not compared on a rerun.
+NOT_COMPARED = NOT_PART_OF_RUN | {"out"}
 # Options added after runs were written: a config.json without them was trained with these values.
 ADDED_LATER = {"sampling": "natural", "referral_sensitivity": 0.95, "pseudo_class_weight": "none", "free_noise": 0.0}
 # What this command writes into --out (and all --overwrite may remove): files, and folders with the
@@ -70,7 +67,8 @@ RUN_FOLDER_FILES = {"detector": ("autoencoder.keras", "detector.json", "stats.np
 def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1, unlabeled: str | None = None,
           epochs: str = "auto",
           image_size: int = 28, out: str = "runs/default", eps="0.001,0.003", lam: float | None = None,
-          attack: str | None = None, free_noise: float | None = None, ssat_loss: str = "auto", detector="true", seed: int = 0, arch: str = "auto",
+          attack: str | None = None, free_noise: float | None = None, ssat_loss: str = "auto", detector="true",
+          seed: int = 0, arch: str = "auto",
           width: int | None = None,
           batch_size: int = 64, unlabeled_batch_size: int | None = None, lr: float = 1e-3,
           lr_schedule: str = "cosine",
@@ -187,8 +185,6 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     if free_noise is not None and not free:
         raise cli.UsageError("--free-noise applies to --method ssat --attack free only")
     free_noise = (FREE_NOISE if free_noise is None else cli.parse_float(free_noise, "free-noise")) if free else 0.0
-    if free_noise < 0:
-        raise cli.UsageError(f"--free-noise must be >= 0, got {free_noise}")
     options.update(
         method=method, ssat_loss=ssat_loss, teacher=teacher, attack=attack, free_noise=free_noise,
         train_eps=(default_train_eps(method, attack) if str(train_eps).strip().lower() == "auto"
@@ -371,10 +367,10 @@ def _train(o: dict, out_dir: Path, pool=None) -> dict:
                    "class_weights": recipe["class_weights"]}
         trainer = make_trainer(o["method"], classifier, **options)
         if o["method"] == "ssat":
-            budget = (f"eps {o['train_eps']:g}" + (f", noise {trainer.free_noise:g} eps" if trainer.free_noise else "")
-                      if o["ssat_loss"] == "trades" else f"eps {trainer.eps_min:g}-{trainer.eps_max:g}")
-            print(f"ssat ({o['ssat_loss']}, {trainer.attack}, {budget}): {options['pretrain_steps']} labeled-only steps, "
-                  f"then lam {trainer.lam} with pseudo-labels "
+            noise = f", noise {trainer.free_noise:g} eps" if trainer.free_noise else ""
+            budget = f"eps {trainer.eps_min:g}" + ("" if trainer.eps_max == trainer.eps_min else f"-{trainer.eps_max:g}")
+            print(f"ssat ({o['ssat_loss']}, {trainer.attack}, {budget}{noise}): {options['pretrain_steps']} "
+                  f"labeled-only steps, then lam {trainer.lam} with pseudo-labels "
                   f"from {_teacher_name(o) if options['teacher'] is not None else 'the current model'}")
         trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(o, steps)))
         # BackupAndRestore needs built weights and optimizer slots to restore into.
@@ -504,6 +500,11 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
     return {}
 
 
+def default_train_eps(method: str, attack: str | None) -> float:
+    """--train-eps auto: FREE_TRAIN_EPS for --method ssat --attack free, else TRAIN_EPS ([0, 1] pixel scale)."""
+    return FREE_TRAIN_EPS if (method, attack) == ("ssat", "free") else TRAIN_EPS
+
+
 MIN_AUTO_EPOCHS, MIN_AUTO_STEPS = 10, 1000
 
 
@@ -553,9 +554,8 @@ def _already_done(out_dir: Path, options: dict) -> bool:
     if options["overwrite"]:
         _remove_run_files(out_dir, "--overwrite true: ")
         return False
-    # The folder is the run: the same folder written another way (relative, trailing slash) is no change.
     changed = sorted(k for k, v in options.items()
-                     if k not in NOT_PART_OF_RUN and k != "out" and _normal(old.get(k, ADDED_LATER.get(k))) != _normal(v))
+                     if k not in NOT_COMPARED and _normal(old.get(k, ADDED_LATER.get(k))) != _normal(v))
     if not _finished_an_epoch(out_dir):
         if changed:
             print(f"{out_dir}: the run there stopped before finishing an epoch, so its options do not hold; "
@@ -607,7 +607,7 @@ def _teacher_matches(out_dir: Path, options: dict) -> bool:
     if old is None or options.get("method") != "ssat" or options.get("teacher") != "standard":
         return False
     return all(_normal(old.get(k, ADDED_LATER.get(k))) == _normal(v) for k, v in teacher_options(options).items()
-               if k not in NOT_PART_OF_RUN and k not in ("out", "detector"))
+               if k not in NOT_COMPARED and k != "detector")
 
 
 def _remove_run_files(out_dir: Path, why: str, keep_teacher: bool = False) -> None:
@@ -710,6 +710,8 @@ def _check_numbers(o: dict) -> None:
             raise cli.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]}")
     if not 0 < o["train_eps"] <= 1:
         raise cli.UsageError(f"--train-eps must be in (0, 1] ([0, 1] pixel scale) or auto, got {o['train_eps']}")
+    if o["free_noise"] < 0:
+        raise cli.UsageError(f"--free-noise must be >= 0, got {o['free_noise']}")
     if not o["lr"] > 0:
         raise cli.UsageError(f"--lr must be > 0, got {o['lr']}")
     if (o["lam"] is not None and o["lam"] < 0) or o["pretrain_epochs"] < 0:
