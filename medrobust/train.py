@@ -203,6 +203,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         weights=None if weights is None else str(Path(str(weights)).expanduser()),
         unlabeled=None if unlabeled is None else str(Path(str(unlabeled)).expanduser()),
     )
+    if str(train_eps).strip().lower() != "auto" and not uses_train_eps(method, ssat_loss):
+        # Kept in config.json (reruns compare it), but said: a budget that changes nothing should not look set.
+        print(f"note: --train-eps {options['train_eps']:g} is not used by --method {method}"
+              + (f" --ssat-loss {ssat_loss} (its budget is --eps)" if method == "ssat" else ""))
     if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
         options["arch"] = "strided_cnn" if int(image_size) >= STRIDED_FROM else "small_cnn"
     if int(image_size) < ARCH_MIN_SIZE.get(options["arch"], 1):
@@ -503,6 +507,11 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
 def default_train_eps(method: str, attack: str | None) -> float:
     """--train-eps auto: FREE_TRAIN_EPS for --method ssat --attack free, else TRAIN_EPS ([0, 1] pixel scale)."""
     return FREE_TRAIN_EPS if (method, attack) == ("ssat", "free") else TRAIN_EPS
+
+
+def uses_train_eps(method: str, ssat_loss: str) -> bool:
+    """Whether --train-eps is the adversaries' budget: PGD-AT, TRADES, MART and SSAT --ssat-loss trades."""
+    return method in ("pgd_at", "trades", "mart") or (method, ssat_loss) == ("ssat", "trades")
 
 
 MIN_AUTO_EPOCHS, MIN_AUTO_STEPS = 10, 1000

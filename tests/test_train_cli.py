@@ -280,3 +280,20 @@ def test_bad_ssat_options_are_one_line_errors_before_any_teacher_is_trained(tmp_
     assert result.returncode == 2 and words in result.stderr, result.stderr
     assert result.stderr.strip().startswith("error:") and result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, note", [
+    (["--method", "standard", "--train-eps", "0.01"], "note: --train-eps 0.01 is not used by --method standard"),
+    (["--method", "ssat", "--ssat-loss", "ce", "--train-eps", "0.01"],
+     "note: --train-eps 0.01 is not used by --method ssat --ssat-loss ce (its budget is --eps)"),
+    (["--method", "pgd_at", "--train-eps", "0.01"], None),
+    (["--method", "ssat", "--train-eps", "0.01"], None),
+])
+def test_a_train_eps_the_method_ignores_is_said(tmp_path, args, note):
+    # A missing --data path stops the run before TensorFlow loads; the note comes first.
+    result = run_cli("--data", str(tmp_path / "no_such_data"), *args, "--out", str(tmp_path / "r"))
+    assert result.returncode == 2
+    if note is None:
+        assert "note: --train-eps" not in result.stdout
+    else:
+        assert note in result.stdout, result.stdout
