@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medrobust import cli  # noqa: E402  (after the path insert, so a checkout runs without installing)
 from medrobust.classes import CLASSES  # noqa: E402
-from medrobust.io import atomic_write_json, read_json  # noqa: E402
+from medrobust.io import read_json  # noqa: E402
 
 DEFAULT_TAUS = "0,0.25,0.5,0.75,1,1.25,1.5,1.75,2"
 
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             configs[run] = read_json(run / "config.json")
         except ValueError as exc:  # names the file and what is wrong with it
             raise cli.UsageError(str(exc)) from None
-    if args.json and Path(args.json).exists():
-        raise cli.UsageError(f"--json {args.json} exists; choose a new file (this script never overwrites)")
+    cli.check_new_json(args.json)
     cli.import_tensorflow()
     results = []
     for run, config in configs.items():
@@ -119,15 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(table(r["taus"])) + "\n", flush=True)
     if len(results) > 1:
         print(f"mean over the {len(results)} runs:\n" + "\n".join(table(mean_rows(results))))
-    if args.json:
-        atomic_write_json(args.json, {"command": "python benchmarks/logit_adjustment.py "
-                                      + " ".join(argv if argv is not None else sys.argv[1:]), "results": results})
-        print(f"wrote {args.json}")
+    cli.write_json_results(args.json, results, "benchmarks/logit_adjustment.py", argv)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except cli.UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_script(main)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medrobust import cli  # noqa: E402  (after the path insert, so a checkout runs without installing)
 from medrobust.classes import CLASSES  # noqa: E402
 from medrobust.evaluation.metrics import balanced_accuracy, clinical_metrics  # noqa: E402
-from medrobust.io import atomic_write_json, read_json  # noqa: E402
+from medrobust.io import read_json  # noqa: E402
 
 LABELINGS = ("raw", "flip", "aligned")
 
@@ -133,22 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:  # names the file and what is wrong with it
             raise cli.UsageError(str(exc)) from None
         _teacher_path(run, configs[run])
-    if args.json and Path(args.json).exists():
-        raise cli.UsageError(f"--json {args.json} exists; choose a new file (this script never overwrites)")
+    cli.check_new_json(args.json)
     cli.import_tensorflow()
     results = []
     for run, config in configs.items():
         results.append(score_run(run, config))
         print("\n".join(table(results[-1])) + "\n", flush=True)
-    if args.json:
-        atomic_write_json(args.json, {"command": "python benchmarks/pseudo_labels.py "
-                                     + " ".join(argv if argv is not None else sys.argv[1:]), "results": results})
-        print(f"wrote {args.json}")
+    cli.write_json_results(args.json, results, "benchmarks/pseudo_labels.py", argv)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except cli.UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_script(main)

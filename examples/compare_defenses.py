@@ -504,10 +504,6 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    from medrobust.cli import UsageError
+    from medrobust.cli import run_script
 
-    try:
-        main()
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

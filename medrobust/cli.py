@@ -162,6 +162,32 @@ def command_line() -> str:
     return " ".join([program_name(), *map(shlex.quote, sys.argv[1:])])
 
 
+def run_script(main) -> None:
+    """Run a script's main(): a UsageError ends it with one line `error: ...` on stderr and exit code 2."""
+    try:
+        main()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_new_json(path: str | None) -> None:
+    """Refuse (UsageError) a --json output that already exists: scripts write results to new files only."""
+    if path and Path(path).exists():
+        raise UsageError(f"--json {path} exists; choose a new file (this script never overwrites)")
+
+
+def write_json_results(path: str | None, results: list, script: str, argv: list[str] | None) -> None:
+    """Write {"command", "results"} to --json PATH (when given) and say so; script: e.g. benchmarks/x.py."""
+    if not path:
+        return
+    from medrobust.io import atomic_write_json
+
+    args = argv if argv is not None else sys.argv[1:]
+    atomic_write_json(path, {"command": " ".join(["python", script, *map(shlex.quote, args)]), "results": results})
+    print(f"wrote {path}")
+
+
 def _fire_args(argv: list[str]) -> list[str]:
     """The arguments for the command (Fire takes everything after a last '--' as its own flags)."""
     if "--" in argv:

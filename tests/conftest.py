@@ -69,3 +69,13 @@ def phantom_system_run(tmp_path_factory):
     result = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def load_script(path, name: str):
+    """Import a script (benchmarks/*.py) as a module, to test its functions without running main()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

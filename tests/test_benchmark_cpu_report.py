@@ -3,16 +3,11 @@ instruction-set cap before its figures (speed figures hold for one instruction s
 
 from __future__ import annotations
 
-import importlib.util
-
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("bench_attacks", REPO / "benchmarks" / "attacks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "attacks.py", "bench_attacks")
 
 
 AVX512_CPU = ("processor : 0\nmodel name : AMD EPYC 9R14\ncpu family : 25\nmodel : 17\n"

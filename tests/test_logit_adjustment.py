@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,16 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPT = REPO / "benchmarks" / "logit_adjustment.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_logit_adjustment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_logit_adjustment")
 
 
 def test_adjustment_subtracts_tau_log_prior_and_favours_rare_classes():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,16 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPT = REPO / "benchmarks" / "pseudo_labels.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_pseudo_labels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_pseudo_labels")
 
 
 def test_quality_counts_recall_and_precision_per_class():
