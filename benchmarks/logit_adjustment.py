@@ -4,8 +4,10 @@
 
 Post-hoc logit adjustment (Menon et al. 2021, "Long-tail learning via logit adjustment", ICLR): predict
 argmax_c (logit_c - tau * log prior_c), prior = the class shares of the run's labeled scans (its seed and
-label fraction, medrobust.data.splits.labeled_unlabeled_split). tau = 0 is the model as trained; tau = 1 is
-the balanced-error Bayes rule for a calibrated model. The shift is one bias per class, so it could be folded
+label fraction, medrobust.data.splits.labeled_unlabeled_split). tau = 0 is the model as trained; tau = 1
+suits a calibrated model trained on the natural class shares. A run trained with --class-weight balanced
+(or --pseudo-class-weight balanced) already leans towards the rare classes, so any tau > 0 shifts on top of
+that correction; the tau that helps, if any, is then below 1. The shift is one bias per class, so it could be folded
 into the last layer at no inference cost. For each run and tau it prints val accuracy, balanced accuracy
 (mean per-class sensitivity), the worst class's sensitivity and per-class sensitivity, then the mean over
 the runs (its worst-class column is the mean of each run's worst class). Only the validation
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medrobust import cli  # noqa: E402  (after the path insert, so a checkout runs without installing)
 from medrobust.classes import CLASSES  # noqa: E402
+from medrobust.evaluation.metrics import balanced_accuracy, clinical_metrics  # noqa: E402
 from medrobust.io import read_json  # noqa: E402
 
 DEFAULT_TAUS = "0,0.25,0.5,0.75,1,1.25,1.5,1.75,2"
@@ -44,11 +47,12 @@ def adjusted_predictions(logits: np.ndarray, prior: np.ndarray, tau: float) -> n
 
 
 def scores(y: np.ndarray, predicted: np.ndarray) -> dict:
-    """Accuracy, balanced accuracy (mean over the classes present in y) and per-class sensitivity (None if absent)."""
-    sens = [float(np.mean(predicted[y == c] == c)) if np.any(y == c) else None for c in range(len(CLASSES))]
-    present = [s for s in sens if s is not None]
-    return {"accuracy": float(np.mean(predicted == y)), "balanced_accuracy": float(np.mean(present)),
-            "worst_class": float(min(present)), "sensitivity": dict(zip(CLASSES, sens))}
+    """Accuracy, balanced accuracy (mean over the classes present in y), the worst class's sensitivity and
+    per-class sensitivity (None if absent), from clinical_metrics on the hard predictions."""
+    metrics = clinical_metrics(y, np.eye(len(CLASSES))[predicted])
+    sens = {c: v["sensitivity"] for c, v in metrics["per_class"].items()}
+    return {"accuracy": metrics["accuracy"], "balanced_accuracy": balanced_accuracy(metrics["per_class"]),
+            "worst_class": min(v for v in sens.values() if v is not None), "sensitivity": sens}
 
 
 def score_run(run: Path, config: dict, taus: list[float]) -> dict:

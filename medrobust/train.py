@@ -203,10 +203,6 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
         weights=None if weights is None else str(Path(str(weights)).expanduser()),
         unlabeled=None if unlabeled is None else str(Path(str(unlabeled)).expanduser()),
     )
-    if str(train_eps).strip().lower() != "auto" and not uses_train_eps(method, ssat_loss):
-        # Kept in config.json (reruns compare it), but said: a budget that changes nothing should not look set.
-        print(f"note: --train-eps {options['train_eps']:g} is not used by --method {method}"
-              + (f" --ssat-loss {ssat_loss} (its budget is --eps)" if method == "ssat" else ""))
     if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
         options["arch"] = "strided_cnn" if int(image_size) >= STRIDED_FROM else "small_cnn"
     if int(image_size) < ARCH_MIN_SIZE.get(options["arch"], 1):
@@ -217,6 +213,10 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     else:
         options["epochs"] = cli.parse_int(epochs, "epochs")
     _check_numbers(options)
+    if str(train_eps).strip().lower() != "auto" and not uses_train_eps(method, ssat_loss):
+        # Kept in config.json (reruns compare it), but said: a budget that changes nothing should not look set.
+        print(f"note: --train-eps {options['train_eps']:g} is not used by --method {method}"
+              + (f" --ssat-loss {ssat_loss} (its budget is --eps)" if method == "ssat" else ""))
     _check_data_argument(options["data"])
     if options["weights"] is not None and not Path(options["weights"]).is_file():
         raise cli.UsageError(f"--weights {weights}: no such file")
