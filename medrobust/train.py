@@ -563,8 +563,10 @@ def _already_done(out_dir: Path, options: dict) -> bool:
     if options["overwrite"]:
         _remove_run_files(out_dir, "--overwrite true: ")
         return False
+    # A budget the method never uses (--train-eps of standard, say) does not make it another run.
+    ignored = set() if uses_train_eps(options["method"], options["ssat_loss"]) else {"train_eps"}
     changed = sorted(k for k, v in options.items()
-                     if k not in NOT_COMPARED and _normal(old.get(k, ADDED_LATER.get(k))) != _normal(v))
+                     if k not in NOT_COMPARED | ignored and _normal(old.get(k, ADDED_LATER.get(k))) != _normal(v))
     if not _finished_an_epoch(out_dir):
         if changed:
             print(f"{out_dir}: the run there stopped before finishing an epoch, so its options do not hold; "

@@ -176,6 +176,17 @@ def test_a_run_that_finished_an_epoch_still_pins_its_options(tiny_run, tmp_path)
     assert _already_done(out, _options(out, out=str(out) + "/")) is False  # unfinished (no metrics.json), not refused
 
 
+
+def test_a_budget_the_method_does_not_use_does_not_make_another_run(tiny_run, tmp_path):
+    from medrobust.train import _already_done
+
+    out = _copy_run(tiny_run, tmp_path)  # --method standard: --train-eps changes nothing it does
+    old = json.loads((out / "config.json").read_text())["train_eps"]
+    assert _already_done(out, _options(out, train_eps=old * 2)) is True
+    with pytest.raises(cli.UsageError, match=rf"other options \(method: 'standard' there, 'pgd_at' now; "
+                                             rf"train_eps: {old} there, {old * 2} now;"):
+        _already_done(out, _options(out, method="pgd_at", train_eps=old * 2))
+
 # -- evaluate and export default to the data the run was trained on --
 
 def _stand_in_octmnist(folder: Path) -> Path:
