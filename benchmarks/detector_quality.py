@@ -156,12 +156,12 @@ def run_mode(args) -> str:
 
     from medrobust.data import load_data
     from medrobust.detection import ALL_PARTS, Detector
-    from medrobust.io import read_json
+    from medrobust.io import read_json, read_run_config
     from medrobust.models import load_classifier
 
     started = time.time()
     run = Path(args.run)
-    config = read_json(run / "config.json")
+    config = read_run_config(run)
     data = load_data(args.data or config["data"], image_size=config["image_size"], seed=config.get("seed", 0))
     tag = " [SYNTHETIC phantom]" if data.synthetic else ""
     log(f"data: {data.describe()}")

@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     import keras
 
     from medrobust.data import load_data
-    from medrobust.io import read_json
+    from medrobust.io import read_run_config
     from medrobust.models import load_classifier
 
     from export import screening
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
         run = Path(args.run) if args.run else tmp / "run"
         if not args.run:
             _train_run(run, args.width)
-        config = read_json(run / "config.json")
+        config = read_run_config(run)
         size = int(config["image_size"])
         data = load_data(config.get("data", "phantom"), image_size=size, seed=int(config.get("seed", 0)))
         classifier = load_classifier(run / "classifier.keras")

@@ -67,10 +67,10 @@ def main() -> None:
     from medrobust.detection import Detector
     from medrobust.evaluation.runner import SystemEvaluator
     from medrobust.evaluation.suite import NORMS
-    from medrobust.io import read_json
+    from medrobust.io import read_run_config
     from medrobust.models import load_classifier
 
-    config = read_json(run / "config.json")
+    config = read_run_config(run)
     clf = load_classifier(run / "classifier.keras")
     det = Detector.load(run / "detector", clf) if (run / "detector").exists() else None
     x, y, what = _images(args, config)

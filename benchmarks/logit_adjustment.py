@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medrobust import cli  # noqa: E402  (after the path insert, so a checkout runs without installing)
 from medrobust.classes import CLASSES  # noqa: E402
 from medrobust.evaluation.metrics import balanced_accuracy, clinical_metrics  # noqa: E402
-from medrobust.io import read_json  # noqa: E402
+from medrobust.io import read_run_config  # noqa: E402
 
 DEFAULT_TAUS = "0,0.25,0.5,0.75,1,1.25,1.5,1.75,2"
 
@@ -108,9 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         if not (run / "config.json").is_file() or not (run / "classifier.keras").is_file():
             raise cli.UsageError(f"{run}: no config.json and classifier.keras (not a finished medrobust run)")
         try:
-            configs[run] = read_json(run / "config.json")
+            configs[run] = read_run_config(run)
         except ValueError as exc:  # names the file and what is wrong with it
             raise cli.UsageError(str(exc)) from None
+    sources = {run: str(config.get("data_source")) for run, config in configs.items()}
+    if len(set(sources.values())) > 1:  # their mean row would average scans of different data sets
+        raise cli.UsageError("the runs were trained on different data ("
+                             + "; ".join(f"{run}: {source}" for run, source in sources.items())
+                             + "); score each data set's runs in a command of its own")
     cli.check_new_json(args.json)
     cli.import_tensorflow()
     results = []

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medrobust import cli  # noqa: E402  (after the path insert, so a checkout runs without installing)
 from medrobust.classes import CLASSES  # noqa: E402
 from medrobust.evaluation.metrics import balanced_accuracy, clinical_metrics  # noqa: E402
-from medrobust.io import read_json  # noqa: E402
+from medrobust.io import read_run_config  # noqa: E402
 
 LABELINGS = ("raw", "flip", "aligned")
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (run / "config.json").is_file():
             raise cli.UsageError(f"{run}: no config.json (not a medrobust run folder)")
         try:
-            configs[run] = read_json(run / "config.json")
+            configs[run] = read_run_config(run)
         except ValueError as exc:  # names the file and what is wrong with it
             raise cli.UsageError(str(exc)) from None
         _teacher_path(run, configs[run])

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from medrobust import cli
-from medrobust.io import atomic_write_bytes, atomic_write_json, read_json
+from medrobust.io import atomic_write_bytes, atomic_write_json, read_json, read_run_config
 
 from medrobust_screen.classes import CLASSES
 from medrobust_screen.manifest import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
@@ -146,10 +146,7 @@ def check_run(run_dir: Path, need_detector: bool = True) -> dict:
     if need_detector and not (run_dir / "detector").exists():
         raise cli.UsageError(f"{run_dir}: no detector/ (trained with --detector false?); the screening bundle "
                              "needs the detector: train with --detector true")
-    config = read_json(run_dir / "config.json")
-    if not isinstance(config.get("image_size"), int):
-        raise cli.UsageError(f"{run_dir / 'config.json'}: no image_size")
-    return config
+    return read_run_config(run_dir)
 
 
 def owned_files(out_dir: Path) -> set[str]:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from medrobust import cli
-from medrobust.io import atomic_write_json, atomic_write_text, read_json
+from medrobust.io import atomic_write_json, atomic_write_text, read_json, read_run_config
 
 DEFAULT_EPS = "0.001,0.002,0.004,0.008"
 DEFAULT_ATTACKS = "fgsm,pgd,apgd,cw,square,fmn"
@@ -69,7 +69,7 @@ def evaluate(run: str, data: str | None = None, split: str = "test", attacks=DEF
                         (fmn_steps, "fmn-steps")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise cli.UsageError(f"--{name} must be a positive integer, got {value!r}")
-    config = read_json(run_dir / "config.json")
+    config = read_run_config(run_dir)
     if split == "all":
         if data is None:
             raise cli.UsageError("--split all evaluates a whole folder of other scans: pass it with --data PATH")

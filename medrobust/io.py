@@ -61,6 +61,21 @@ def read_json(path: str | os.PathLike):
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """RUN/config.json as medrobust.train writes it: a JSON object with an integer image_size.
+
+    Raises ValueError naming the file when it is missing, not JSON, not a JSON object, or has no integer
+    image_size (a config.json that is not a run's), so a caller reports one line instead of a traceback.
+    """
+    path = Path(run_dir) / "config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a medrobust run config (a JSON {type(config).__name__}, not an object)")
+    if isinstance(config.get("image_size"), bool) or not isinstance(config.get("image_size"), int):
+        raise ValueError(f"{path}: not a medrobust run config (no integer image_size)")
+    return config
+
+
 def atomic_save_model(model, path: str | os.PathLike) -> None:
     """model.save() to a temporary .keras file beside `path`, then rename it into place."""
     path = Path(path)

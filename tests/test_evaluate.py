@@ -153,6 +153,15 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert result.returncode == 2 and "not a trained run" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("text, words", [("[1, 2]", "a JSON list, not an object"), ("{}", "no integer image_size"),
+                                         ("{oops", "not valid JSON")])
+def test_evaluate_names_a_config_that_is_not_a_runs(tmp_path, text, words):
+    (tmp_path / "classifier.keras").write_bytes(b"")
+    (tmp_path / "config.json").write_text(text)
+    result = run_cli("--run", str(tmp_path), module="medrobust.evaluate")
+    assert result.returncode == 2 and str(tmp_path / "config.json") in result.stderr and words in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
 @pytest.mark.parametrize("args, words", [(("--eps", "0"), "--eps"), (("--eps", "2"), "--eps"),
                                          (("--eps-l2", "-1"), "--eps-l2"), (("--split", "train"), "--split"),
                                          (("--pgd-steps", "0"), "--pgd-steps"), (("--split", "all"), "--data PATH"),

@@ -79,3 +79,28 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, args, message):
     assert done.returncode == 2 and "not a finished medrobust run" in done.stderr and str(empty) in done.stderr
     done = _cli(empty, *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "a JSON list, not an object"),
+                                           ('{"image_size": "64"}', "no integer image_size")])
+def test_a_config_that_is_not_a_runs_is_named_not_a_traceback(tmp_path, text, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    (run / "classifier.keras").write_bytes(b"")
+    done = _cli(run)
+    assert done.returncode == 2 and f"{run / 'config.json'}: not a medrobust run config ({message})" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_runs_on_different_data_are_refused_before_any_model_loads(tmp_path):
+    runs = []
+    for name, source in (("phantom_run", "phantom"), ("real_run", "folder:/scans/kermany")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"method": "ssat", "data_source": source, "image_size": 64}))
+        (run / "classifier.keras").write_bytes(b"not loaded")  # a load would fail: the refusal comes first
+        runs.append(run)
+    done = _cli(*runs)
+    assert done.returncode == 2 and "trained on different data" in done.stderr, done.stderr[-2000:]
+    assert "phantom_run: phantom" in done.stderr and "real_run: folder:/scans/kermany" in done.stderr

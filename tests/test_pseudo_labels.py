@@ -66,7 +66,7 @@ def _cli(*args):
      "no longer there"),
 ])
 def test_refuses_runs_it_cannot_score_before_loading_anything(tmp_path, config, message):
-    run = _run(tmp_path, **config)
+    run = _run(tmp_path, image_size=28, **config)
     done = _cli(run)
     assert done.returncode == 2 and message in done.stderr and str(run) in done.stderr
     assert "Traceback" not in done.stderr
@@ -103,4 +103,15 @@ def test_a_corrupt_config_is_named_not_a_traceback(tmp_path):
     (run / "config.json").write_text("{not json")
     done = _cli(run)
     assert done.returncode == 2 and "config.json" in done.stderr and "not valid JSON" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "a JSON list, not an object"),
+                                           ("{}", "no integer image_size")])
+def test_a_config_that_is_not_a_runs_is_named_not_a_traceback(tmp_path, text, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    done = _cli(run)
+    assert done.returncode == 2 and f"{run / 'config.json'}: not a medrobust run config ({message})" in done.stderr
     assert "Traceback" not in done.stderr
