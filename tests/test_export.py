@@ -425,9 +425,11 @@ def _check_parity(report: dict) -> None:
         for key, diff in row["max_abs_diff"].items():
             if key not in ("anomaly_score", "part_scores"):
                 assert diff <= 1e-4, (name, key, diff)
-        # The anomaly and part scores are in z-units through logs and exps (values up to tens): 1e-4 relative.
-        assert row.get("max_rel_diff_anomaly_score", 0.0) <= 1e-4, (name, row)
-        assert row.get("max_rel_diff_part_scores", 0.0) <= 1e-4, (name, row)
+        # The anomaly and part scores are in z-units through logs and exps (values up to tens): float32
+        # rounding moves them by up to 1e-4 relative on an AMD EPYC, 1.2e-4 on an Intel Xeon (AMX; measured);
+        # a wrong normalisation or part would move them by whole units.
+        assert row.get("max_rel_diff_anomaly_score", 0.0) <= 1e-3, (name, row)
+        assert row.get("max_rel_diff_part_scores", 0.0) <= 1e-3, (name, row)
         assert row.get("top1_agreement", 1.0) == 1.0
 
 

@@ -552,10 +552,12 @@ def test_mirrored_two_replicas_match_one_device(distributed, config):
     assert _max_diff(single["weights"][0], mirrored["weights"][0]) < (1e-3 if config == "free" else 1e-5)
     # Later steps: sign() in the attack turns rounding differences into discrete ones, so they agree
     # loosely; most of all the KL terms, which are ~1e-4 in these small fresh models, so a few flipped
-    # signs move them by 10-20% (measured) while the loss moves by < 1e-4 of itself.
+    # signs move them by 10-20% on an AMD EPYC Zen 4 and up to 36% on an Intel Xeon (AMX; oneDNN picks
+    # other kernels for the half-size replica batches), the other parts by up to 1.2e-3 of themselves
+    # there (measured). A wrong replica scaling (x2 or x0.5) is caught at step 1 above, tightly.
     for part in parts:
         loose = part in ("robust_kl", "unlabeled_kl")
-        np.testing.assert_allclose(mirrored["history"][part], single["history"][part], rtol=0.3 if loose else 1e-3,
+        np.testing.assert_allclose(mirrored["history"][part], single["history"][part], rtol=0.5 if loose else 5e-3,
                                    atol=1e-6, err_msg=part)
     assert _max_diff(single["weights"][-1], mirrored["weights"][-1]) < 1e-2
     assert _max_diff(single["weights"][0], single["weights"][-1]) > 1e-2
