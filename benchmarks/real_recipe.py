@@ -164,13 +164,13 @@ def main() -> None:
     tf.get_logger().setLevel("ERROR")
     from medrobust.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
     from medrobust.models import build_classifier
-    from medrobust.train import learning_rate, trainer_options, training_recipe
+    from medrobust.train import make_optimizer, trainer_options, training_recipe
     from medrobust.training import make_trainer
 
     from medrobust.data.splits import labeled_unlabeled_split
 
     o = {"augment": args.augment, "class_weight": args.class_weight, "method": args.method, "lr": args.lr,
-         "epochs": args.epochs, "lr_schedule": "cosine", "train_eps": None, "pgd_steps": 10, "beta": 6.0,
+         "epochs": args.epochs, "lr_schedule": "cosine", "ema": 0.0, "train_eps": None, "pgd_steps": 10, "beta": 6.0,
          "eps": (0.001, 0.003), "lam": None, "attack": None, "confidence": 0.0, "pretrain_epochs": 3.0,
          "ssat_loss": "trades", "teacher": args.teacher,
          "pseudo_class_weight": "none"}  # ssat: the train CLI's default form
@@ -202,7 +202,7 @@ def main() -> None:
             options["teacher"] = "in-memory"
         trainer = make_trainer(method, classifier, class_weights=recipe["class_weights"],
                                **trainer_options(options, lambda _: teacher, steps))
-        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate(options, steps)))
+        trainer.compile(optimizer=make_optimizer(options, steps))
         times = []
         timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: times.append(-time.time()),
                                                on_epoch_end=lambda e, logs: times.__setitem__(-1, times[-1] + time.time()))

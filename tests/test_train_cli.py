@@ -83,6 +83,7 @@ def test_rerun_with_other_options_is_refused_in_one_line(standard_run):
     (["--eps", "1/0"], "--eps"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--epochs", "automatic"], "--epochs must be an integer"),
+    (["--ema", "1"], "--ema must be 0 (off) or a momentum in (0, 1)"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, words):
     result = run_cli(*args, "--out", str(tmp_path / "r"))

@@ -303,6 +303,32 @@ def test_equal_class_weights_train_exactly_like_no_weights():
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["standard", "ssat"])
+def test_ema_saves_the_moving_average_of_the_weights_each_step_left(method):
+    """--ema m: after fit() the classifier holds avg_1 = w_1, avg_t = m * avg_(t-1) + (1 - m) * w_t over the
+    weights w_t each step left (Keras' use_ema), not the last step's weights; through the trainer wrapper."""
+    from medrobust.train import make_optimizer
+
+    x, y = _data(4 * BATCH)
+    classifier = _classifier()
+    options = {"eps_range": (0.01, 0.01), "lam": 1.0, "teacher": None} if method == "ssat" else {}
+    trainer = make_trainer(method, classifier, **options)
+    trainer.compile(optimizer=make_optimizer({"lr": 1e-2, "lr_schedule": "constant", "ema": 0.5}, 4))
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: seen.append([v.numpy().copy() for v in classifier.trainable_variables]))
+    data = (x, y) if method == "standard" else ((x, x[::-1]), y)
+    trainer.fit(*data, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    expected = seen[0]
+    for weights in seen[1:]:
+        expected = [0.5 * a + 0.5 * w for a, w in zip(expected, weights)]
+    final = [v.numpy() for v in classifier.trainable_variables]
+    assert len(seen) == 4
+    for got, want, last in zip(final, expected, seen[-1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert max(float(np.abs(g - last).max()) for g, last in zip(final, seen[-1])) > 1e-4
+
+
 def test_training_recipe_resolves_augmentation_and_class_weights():
     from types import SimpleNamespace
 
