@@ -545,9 +545,8 @@ def make_optimizer(o: dict, steps_per_epoch: int):
     (Keras writes the average into the model's weights when fit() ends)."""
     import keras
 
-    ema = float(o.get("ema", 0.0) or 0.0)
-    return keras.optimizers.Adam(learning_rate(o, steps_per_epoch), use_ema=ema > 0,
-                                 ema_momentum=ema if ema > 0 else 0.99)
+    ema = o.get("ema", 0.0)
+    return keras.optimizers.Adam(learning_rate(o, steps_per_epoch), use_ema=ema > 0, ema_momentum=ema or 0.99)
 
 
 def make_strategy(name: str):
