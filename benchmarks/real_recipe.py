@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--teacher", default="standard",
                         help="ssat's pseudo-label source: standard (default: a standard model trained on the same "
                              "labeled scans first, as the train CLI's recipe) | snapshot | none")
+    parser.add_argument("--teachers", type=int, default=1,
+                        help="ssat --teacher standard: train this many standard teachers on the same labeled scans "
+                             "(seeds SEED, SEED+1000, ...) and pseudo-label with their averaged probabilities")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a trainer option of the train CLI (train_eps, pgd_steps, beta, lam, ssat_loss, attack, "
                              "eps, confidence, pretrain_epochs, pseudo_class_weight); repeatable")
@@ -144,6 +147,8 @@ def main() -> None:
                              "choose on val, then --model SAVED --test with the options it was trained with)")
     parser.add_argument("--log", default=None, help="append the JSON line to this file")
     args = parser.parse_args()
+    if args.teachers < 1:
+        parser.error(f"--teachers {args.teachers}: expected 1 or more")
     if args.folds and args.test:
         parser.error("--test reports one trained model; run it without --folds")
     if args.model and args.folds:
@@ -219,8 +224,18 @@ def main() -> None:
         semi = args.method == "ssat" and len(unlabeled) > 0
         teacher = None
         if args.method == "ssat" and args.teacher == "standard":
-            teacher, _, _ = train_one("standard", x[labeled], y[labeled], None, x_val, y_val, seed, len(x))
+            from medrobust.models import ProbabilityAverage
+
+            members = []
+            for k in range(args.teachers):
+                member, _, _ = train_one("standard", x[labeled], y[labeled], None, x_val, y_val, seed + 1000 * k, len(x))
+                member.trainable = False
+                members.append(member)
+                print(f"teacher {k + 1}/{args.teachers}: {scores(y_val, predict(member, x_val), data.classes)}")
+            teacher = ProbabilityAverage(members) if len(members) > 1 else members[0]
             teacher.trainable = False
+            if args.teachers > 1:
+                print(f"teacher ensemble of {args.teachers}: {scores(y_val, predict(teacher, x_val), data.classes)}")
         return train_one(args.method, x[labeled], y[labeled], x[unlabeled] if semi else None, x_val, y_val, seed,
                          len(x), teacher)
 
@@ -285,6 +300,7 @@ def main() -> None:
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "augment": args.augment, "augmentation": args.augmentation, "class_weight": args.class_weight,
         "sampling": args.sampling, "label_fraction": args.label_fraction, "teacher": args.teacher,
+        "teachers": args.teachers,
         "options": args.option, "robust_eps": args.robust_eps, "seed": args.seed, "model": args.model,
         "params": int(classifier.count_params()), "macs": count_macs(classifier, args.image_size),
         "load_seconds": round(load_seconds, 2), "train_seconds": round(train_seconds, 1),

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from medrobust.models import ARCHITECTURES, FEATURE_LAYER, build_classifier, feature_model, load_classifier
+from medrobust.models import (ARCHITECTURES, FEATURE_LAYER, ProbabilityAverage, build_classifier, feature_model,
+                              load_classifier)
 
 SIZE = 64
 
@@ -101,3 +102,23 @@ def test_edge_architectures_convert_to_full_int8_tflite_and_onnx(arch):
     onnx = run_onnx(to_onnx(model), x)["output"]
     np.testing.assert_allclose(onnx, reference, atol=1e-4)
     assert np.corrcoef(lite.ravel(), reference.ravel())[0, 1] > 0.9
+
+
+def test_probability_average_predicts_the_members_mean_probability_and_refuses_mismatched_members():
+    keras.utils.set_random_seed(0)
+    members = [build_classifier("strided_cnn", 32) for _ in range(3)]
+    x = np.random.default_rng(0).random((6, 32, 32, 1), dtype=np.float32)
+    mean = np.mean([keras.ops.convert_to_numpy(keras.ops.softmax(m(x), axis=-1)) for m in members], axis=0)
+    ensemble = ProbabilityAverage(members)
+    got = keras.ops.convert_to_numpy(keras.ops.softmax(ensemble(x), axis=-1))
+    np.testing.assert_allclose(got, mean, atol=1e-6)
+    assert not np.allclose(mean, keras.ops.convert_to_numpy(keras.ops.softmax(members[0](x), axis=-1)), atol=1e-3)
+    with tf.GradientTape() as tape:  # attacks and SSAT's teacher need it differentiable in the input
+        xt = tf.constant(x)
+        tape.watch(xt)
+        loss = tf.reduce_sum(ensemble(xt))
+    assert float(tf.reduce_sum(tf.abs(tape.gradient(loss, xt)))) > 0
+    with pytest.raises(ValueError, match="at least one member"):
+        ProbabilityAverage([])
+    with pytest.raises(ValueError, match="different inputs"):
+        ProbabilityAverage([members[0], build_classifier("strided_cnn", 64)])

@@ -75,3 +75,27 @@ def feature_model(classifier: keras.Model) -> keras.Model:
 def load_classifier(path) -> keras.Model:
     """Load a saved classifier with Keras safe_mode on (no arbitrary code from the file)."""
     return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+
+class ProbabilityAverage(keras.Model):
+    """A probability-averaging ensemble (Lakshminarayanan et al. 2017, "deep ensembles") as one model.
+
+    members: classifiers with the same input shape, each float32 images [batch, H, W, C] in [0, 1] ->
+    logits [batch, classes]. Called on the same images it returns float32 [batch, classes], the log of the
+    members' mean probability, so its softmax is their average prediction and its arg-max their vote by
+    probability. Raises ValueError for no members or members with different input shapes.
+    """
+
+    def __init__(self, members: list[keras.Model], name: str = "ensemble"):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        shapes = {tuple(m.input_shape[1:]) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"ensemble members take different inputs: {sorted(shapes)}")
+        super().__init__(name=name)
+        self.members = list(members)
+
+    def call(self, x, training=False):
+        probs = [keras.ops.softmax(m(x, training=training), axis=-1) for m in self.members]
+        return keras.ops.log(keras.ops.maximum(keras.ops.mean(keras.ops.stack(probs), axis=0), 1e-12))
