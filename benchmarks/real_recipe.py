@@ -133,7 +133,7 @@ def main() -> None:
                              "(seeds SEED, SEED+1000, ...) and pseudo-label with their averaged probabilities")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a trainer option of the train CLI (train_eps, pgd_steps, beta, lam, ssat_loss, attack, "
-                             "eps, confidence, pretrain_epochs, pseudo_class_weight); repeatable")
+                             "eps, confidence, pretrain_epochs, pseudo_class_weight, pseudo_labels=hard|soft); repeatable")
     parser.add_argument("--robust-eps", type=float, default=None,
                         help="also attack the evaluated scans at this L-inf budget (PGD-20 and APGD-CE-100; a scan "
                              "counts as robust when neither fools it) and report per-class robust sensitivity")
@@ -178,13 +178,13 @@ def main() -> None:
          "epochs": args.epochs, "lr_schedule": "cosine", "ema": 0.0, "train_eps": None, "pgd_steps": 10, "beta": 6.0,
          "eps": (0.001, 0.003), "lam": None, "attack": None, "confidence": 0.0, "pretrain_epochs": 3.0,
          "ssat_loss": "trades", "teacher": args.teacher,
-         "pseudo_class_weight": "none"}  # ssat: the train CLI's default form
+         "pseudo_class_weight": "none", "pseudo_labels": "hard"}  # ssat: the train CLI's default form
     for item in args.option:
         key, _, value = item.partition("=")
         if key not in o or not value:
             parser.error(f"--option {item}: expected KEY=VALUE with KEY one of {', '.join(sorted(o))}")
         o[key] = tuple(float(v) for v in value.split(",")) if key == "eps" else (
-            value if key in ("ssat_loss", "attack", "teacher", "pseudo_class_weight") else type(o[key] or 1.0)(value))
+            value if key in ("ssat_loss", "attack", "teacher", "pseudo_class_weight", "pseudo_labels") else type(o[key] or 1.0)(value))
     if o["attack"] is None and o["ssat_loss"] == "trades":
         from medrobust.train import RST_ATTACK
 

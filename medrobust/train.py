@@ -502,6 +502,7 @@ def trainer_options(o: dict, load_classifier, steps_per_epoch: int = 1) -> dict:
                     loss=o.get("ssat_loss", "ce"), beta=o.get("beta", 6.0),
                     pseudo_class_weight=o.get("pseudo_class_weight", "none") == "balanced",
                     free_noise=o.get("free_noise", 0.0),
+                    soft_pseudo_labels=o.get("pseudo_labels", "hard") == "soft",
                     # A snapshot needs at least one labeled-only step, even for a one-batch epoch.
                     pretrain_steps=max(int(teacher == "snapshot"), round(pretrain * steps_per_epoch)))
     if o["method"] == "pgd_at":

@@ -214,6 +214,42 @@ def test_pseudo_class_weight_weighs_each_pseudo_labeled_image_by_its_pseudo_clas
     assert abs(expected["unlabeled_kl"] - kl[BATCH:].mean()) > 1e-3 * kl[BATCH:].mean()  # the weights matter
 
 
+@pytest.mark.parametrize("attack", ["pgd", "free"])
+def test_soft_pseudo_labels_fit_the_teachers_probabilities(attack):
+    """soft_pseudo_labels: the pseudo-label term is the cross-entropy to the teacher's softmax, not to its
+    arg-max; the other loss parts do not change."""
+    x, y = _data()
+    x_u, _ = _data(seed=1)
+    teacher = keras.Sequential([keras.Input((SIZE, SIZE, 1)), keras.layers.Flatten(),
+                                keras.layers.LayerNormalization(),
+                                keras.layers.Dense(4, kernel_initializer=keras.initializers.RandomNormal(0.0, 0.05, 3))])
+    target = tf.nn.softmax(teacher(x_u, training=False)).numpy()
+    assert target.max(-1).mean() < 0.95, "the test needs a teacher that is not sure"
+
+    def student():  # an untrained CNN predicts about uniformly: any target then has CE ~ log 4
+        clf = _classifier()
+        clf.layers[-1].bias.assign([2.0, -1.0, 0.5, -1.5])
+        return clf
+
+    soft = _trades(student(), teacher=teacher, lam=2.0, beta=5.0, attack=attack, soft_pseudo_labels=True)
+    hard = _trades(student(), teacher=teacher, lam=2.0, beta=5.0, attack=attack)
+    clean_u = student()(np.concatenate([x, x_u]), training=True)[BATCH:]
+    expected_soft = float(tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(target, clean_u)))
+    expected_hard = float(tf.reduce_mean(_ce(clean_u, target.argmax(-1))))
+    assert abs(expected_soft - expected_hard) > 1e-2
+    if attack == "free":
+        data = ((tf.constant(x), tf.constant(x_u)), tf.constant(y))
+        got_soft, got_hard = soft.train_step(data), hard.train_step(data)
+    else:
+        got_soft = soft.objective(tf.constant(x), tf.constant(y), _prepared(soft, x, y, x_u))[0]
+        got_hard = hard.objective(tf.constant(x), tf.constant(y), _prepared(hard, x, y, x_u))[0]
+    np.testing.assert_allclose(float(got_soft["pseudo_ce"]), expected_soft, rtol=1e-4)
+    np.testing.assert_allclose(float(got_hard["pseudo_ce"]), expected_hard, rtol=1e-4)
+    np.testing.assert_allclose(float(got_soft["labeled_ce"]), float(got_hard["labeled_ce"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="soft_pseudo_labels"):
+        SSATTrainer(_classifier(), loss="ce", soft_pseudo_labels=True)
+
+
 def test_pseudo_class_weight_needs_class_weights_and_the_cli_checks_it_first(tmp_path):
     from medrobust import cli
     from medrobust.train import train

@@ -84,7 +84,7 @@ class SSATTrainer(Trainer):
                  attack: str | None = None, pgd_steps: int = 10, confidence: float = 0.0,
                  teacher: keras.Model | str | None = None, pretrain_steps: int = 0, joint_forward: bool = False,
                  loss: str = "ce", beta: float = 6.0, pseudo_class_weight: bool = False, free_noise: float = 0.0,
-                 **kwargs):
+                 soft_pseudo_labels: bool = False, **kwargs):
         """
         Args:
           eps_range: (eps_min, eps_max) in [0, 1] pixel scale; each attacked image draws its own eps.
@@ -111,6 +111,11 @@ class SSATTrainer(Trainer):
             of the unlabeled pool are attacked and fitted as much as the labeled ones (a per-class weighted
             TRADES, in the spirit of the class-aware adversarial training of Wang et al. 2020 and Xu et al.
             2021, "To be robust or to be fair"). Off: every pseudo-labeled image weighs 1.
+          soft_pseudo_labels: (loss="trades") fit the labeler's softmax probabilities instead of its arg-max
+            in the pseudo-label term (cross-entropy to a soft target, i.e. knowledge distillation at
+            temperature 1, Hinton et al. 2015; the soft labels of RSLAD, Zi et al. 2021), so a class the
+            labeler ranks second (e.g. DRUSEN behind CNV) keeps its probability mass. Confidence filtering and
+            pseudo-class weights still use the arg-max.
           free_noise: (attack="free") k >= 0: uniform noise of k * eps before the signed step, which is then
             not projected (N-FGSM, de Jorge et al. 2022; k = 2 there); 0: the step is taken from x itself.
 
@@ -141,6 +146,8 @@ class SSATTrainer(Trainer):
             raise ValueError("pseudo_class_weight needs class_weights")
         if joint_forward and loss != "ce":
             raise ValueError("joint_forward applies to loss='ce' only")
+        if soft_pseudo_labels and loss != "trades":
+            raise ValueError("soft_pseudo_labels applies to loss='trades' only")
         if attack == "free" and loss != "trades":
             raise ValueError("attack='free' applies to loss='trades' only")
         if not 0.0 <= float(free_noise) or (float(free_noise) > 0 and attack != "free"):
@@ -153,6 +160,7 @@ class SSATTrainer(Trainer):
                              "would label at random)")
         self.loss, self.beta = loss, float(beta)
         self.pseudo_class_weight = bool(pseudo_class_weight)
+        self.soft_pseudo_labels = bool(soft_pseudo_labels)
         self.free_noise = float(free_noise)
         if loss != "ce":  # this form's own loss parts, each with its Mean tracker
             self.loss_parts = LOSS_PARTS[loss]
@@ -179,6 +187,14 @@ class SSATTrainer(Trainer):
         pseudo = tf.argmax(source_logits, axis=-1, output_type=tf.int32)
         kept = tf.reduce_max(tf.nn.softmax(source_logits), axis=-1) >= self.confidence
         return tf.stop_gradient(pseudo), kept
+
+    def _pseudo_ce(self, logits, pseudo, source_logits) -> tf.Tensor:
+        """float32 [n_u]: per-image pseudo-label cross-entropy, to the arg-max or (soft_pseudo_labels) to the
+        labeler's softmax."""
+        if not self.soft_pseudo_labels:
+            return ce(logits, pseudo)
+        target = tf.stop_gradient(tf.nn.softmax(source_logits))
+        return tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)
 
     def craft(self, x_u, labels=None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """loss="ce": (x_adv, pseudo_labels, kept_mask) for an unlabeled batch; BatchNorm statistics stay
@@ -239,15 +255,17 @@ class SSATTrainer(Trainer):
         def attack():
             x_adv, clean = self.craft_kl(x_all)
             if x_u is None:
-                return x_adv, tf.zeros([0], tf.int32), tf.zeros([0], tf.bool)
+                return x_adv, tf.zeros([0], tf.int32), tf.zeros([0], tf.bool), tf.zeros_like(clean[:0])
             source = clean[tf.shape(x)[0]:] if self.teacher is None else self.teacher(x_u, training=False)
-            return (x_adv, *self._pseudo_labels(source))
+            return (x_adv, *self._pseudo_labels(source), tf.cast(source, tf.float32))
 
         def skip():  # labeled-only pre-training: no attack, no pseudo-labels (their weight is 0)
-            return tf.identity(x_all), tf.zeros([n_u], tf.int32), tf.zeros([n_u], tf.bool)
+            classes = self.classifier.output_shape[-1]
+            return tf.identity(x_all), tf.zeros([n_u], tf.int32), tf.zeros([n_u], tf.bool), tf.zeros([n_u, classes])
 
-        x_adv, pseudo, kept = attack() if self.pretrain_steps == 0 else tf.cond(self._active(), attack, skip)
+        x_adv, pseudo, kept, source = attack() if self.pretrain_steps == 0 else tf.cond(self._active(), attack, skip)
         return {"x_all": x_all, "x_adv": tf.stop_gradient(x_adv), "pseudo": pseudo, "semi": x_u is not None,
+                "source": tf.stop_gradient(source),
                 **self._kept_counts(kept, self._pseudo_weights(pseudo))}
 
     def _pseudo_weights(self, pseudo):
@@ -324,7 +342,7 @@ class SSATTrainer(Trainer):
                 source = tf.stop_gradient(clean[n:]) if teacher_logits is None else teacher_logits
                 pseudo, kept = self._pseudo_labels(source)
                 counts = self._kept_counts(kept, self._pseudo_weights(pseudo))
-                pseudo_ce = self._masked_mean(ce(clean[n:], pseudo), counts)
+                pseudo_ce = self._masked_mean(self._pseudo_ce(clean[n:], pseudo, source), counts)
             else:
                 counts = self._kept_counts(tf.zeros([0], tf.bool))
                 pseudo_ce = tf.constant(0.0)
@@ -384,7 +402,7 @@ class SSATTrainer(Trainer):
         labeled = self.labeled_mean(ce(logits, y), y)
         robust = self.labeled_mean(kl[:n], y)
         if prepared["semi"]:
-            pseudo_ce = self._masked_mean(ce(clean[n:], prepared["pseudo"]), prepared)
+            pseudo_ce = self._masked_mean(self._pseudo_ce(clean[n:], prepared["pseudo"], prepared["source"]), prepared)
             unlabeled_kl = self._unlabeled_mean(kl[n:], prepared["pseudo"])
         else:  # no unlabeled batch: TRADES on the labeled batch
             pseudo_ce = unlabeled_kl = tf.constant(0.0)
