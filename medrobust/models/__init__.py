@@ -77,7 +77,6 @@ def load_classifier(path) -> keras.Model:
     return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
-
 class ProbabilityAverage(keras.Model):
     """A probability-averaging ensemble (Lakshminarayanan et al. 2017, "deep ensembles") as one model.
 
