@@ -14,7 +14,8 @@ status 2) at the first failure:
 
 1. the signature (``signature.json``, Ed25519 over the exact bytes of ``manifest.json``) against the
    public key the operator passes with ``--trusted-key`` (see medrobust_screen.signing); ``--allow-unsigned``
-   skips this check, and every output then says the bundle is NOT VERIFIED;
+   screens a bundle that has no signature.json, and every output then says NOT VERIFIED (a bundle that
+   carries a signature is always checked: the flag is refused for it);
 2. that the manifest has every field the runtime relies on;
 3. the sha256 of every file the manifest lists;
 4. that the threshold the manifest states is the one baked into ``screening.tflite`` (read back from
@@ -102,8 +103,8 @@ def build_parser() -> ArgumentParser:
                              "the bundle's signature.json must verify with it. Default: $MEDROBUST_TRUSTED_KEY "
                              "(set once when a device is provisioned), unless --allow-unsigned is given")
     parser.add_argument("--allow-unsigned", action="store_true",
-                        help="screen without checking the signature (who made the bundle is then unknown: "
-                             "every output says NOT VERIFIED)")
+                        help="screen a bundle that has no signature.json (who made it is then unknown: every "
+                             "output says NOT VERIFIED); refused for a signed bundle, whose signature is always checked")
     parser.add_argument("--out", default=None,
                         help="write results to this .csv or .json file (default: CSV on standard output)")
     parser.add_argument("--report", default=None, metavar="REPORT.html",

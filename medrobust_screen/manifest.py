@@ -146,8 +146,10 @@ def verify_files(bundle_dir, manifest: dict) -> None:
 def check_signature(bundle_dir, raw_manifest: bytes, trusted_key=None, allow_unsigned: bool = False) -> dict:
     """The signature status of a bundle: {'status': 'verified', 'key_fingerprint', 'signed'} when
     `trusted_key` (a public key file) verifies signature.json over `raw_manifest`; {'status':
-    'not verified', 'reason'} with `allow_unsigned`. BundleError otherwise (no key and no
-    permission, a bad key, no signature, a signature that does not verify)."""
+    'not verified', 'reason'} with `allow_unsigned` for a bundle without signature.json.
+    UsageError for no key and no permission, or `allow_unsigned` on a signed bundle (a present
+    signature is always checked); BundleError for a bad key, no signature, or a signature that
+    does not verify."""
     from medrobust_screen import signing
 
     if trusted_key is not None and allow_unsigned:
@@ -156,9 +158,18 @@ def check_signature(bundle_dir, raw_manifest: bytes, trusted_key=None, allow_uns
         if not allow_unsigned:
             raise UsageError("pass --trusted-key PUBLIC_KEY (the bundle publisher's public key) to check the "
                              "bundle's signature, or --allow-unsigned to screen without checking who made it")
-        signed = os.path.exists(os.path.join(os.fspath(bundle_dir), signing.SIGNATURE))
-        return {"status": "not verified", "reason": "--allow-unsigned; " + (
-            f"the bundle's {signing.SIGNATURE} was not checked" if signed else "the bundle is not signed")}
+        # A signed bundle is always checked: skipping the check would let anyone edit what the signature
+        # protects (e.g. the referral threshold, which is not baked into a model) and screen with it.
+        try:
+            doc = signing.read_signature(bundle_dir)
+        except signing.SignatureError as exc:
+            raise BundleError(f"{exc}; a bundle that carries a signature must verify (--allow-unsigned is only "
+                              "for bundles without one)") from None
+        if doc is not None:
+            raise UsageError(f"{os.fspath(bundle_dir)} is signed (key {doc.get('key_fingerprint', '?')}): pass "
+                             "its publisher's public key with --trusted-key PUBLIC_KEY; --allow-unsigned only "
+                             f"screens bundles without a {signing.SIGNATURE}")
+        return {"status": "not verified", "reason": "--allow-unsigned; the bundle is not signed"}
     try:
         return signing.verify_manifest(bundle_dir, raw_manifest, signing.load_public_key(trusted_key))
     except signing.SignatureError as exc:

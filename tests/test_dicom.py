@@ -96,6 +96,16 @@ def _item(**attrs) -> Dataset:
 
 
 @pytest.fixture(scope="module")
+def unsigned_bundle(bundle_dir, tmp_path_factory):  # noqa: F811
+    """The runtime tests' bundle without its signature.json: these tests screen with --allow-unsigned,
+    which a signed bundle refuses (the signature checks are tested in test_runtime.py)."""
+    out = tmp_path_factory.mktemp("unsigned") / "bundle"
+    shutil.copytree(bundle_dir, out)
+    (out / "signature.json").unlink()
+    return out
+
+
+@pytest.fixture(scope="module")
 def bscans() -> list[Path]:
     """Six real 512x496 grey B-scans of the test split: 2 CNV, 1 DME, 1 DRUSEN, 2 NORMAL."""
     if not (KERMANY / "test").is_dir():
@@ -201,14 +211,14 @@ def test_decoy_window_would_have_changed_the_frames(volumes, bscans):
 
 
 @pytest.mark.realdata
-def test_verdicts_equal_the_jpeg_verdicts(bundle_dir, volumes, bscans, tmp_path):  # noqa: F811
+def test_verdicts_equal_the_jpeg_verdicts(unsigned_bundle, volumes, bscans, tmp_path):  # noqa: F811
     from export.runtime import Screener
 
-    screener = Screener(bundle_dir, allow_unsigned=True)
+    screener = Screener(unsigned_bundle, allow_unsigned=True)
     jpeg_rows = [screener.screen_file(str(p)) for p in bscans]
     out = tmp_path / "r.json"
     files = [str(volumes / n) for n in GOOD]
-    assert _main("--bundle", str(bundle_dir), *files, "--per-frame", "--out", str(out), "--quiet") == 0
+    assert _main("--bundle", str(unsigned_bundle), *files, "--per-frame", "--out", str(out), "--quiet") == 0
     doc = json.loads(out.read_text())
     rows = doc["results"]
     assert len(rows) == len(GOOD) * (len(bscans) + 1)
@@ -235,9 +245,9 @@ def test_verdicts_equal_the_jpeg_verdicts(bundle_dir, volumes, bscans, tmp_path)
 
 
 @pytest.mark.realdata
-def test_bad_files_give_error_rows_and_the_run_goes_on(bundle_dir, volumes, tmp_path, capsys):  # noqa: F811
+def test_bad_files_give_error_rows_and_the_run_goes_on(unsigned_bundle, volumes, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "r.csv"
-    assert _main("--bundle", str(bundle_dir), str(volumes), "--out", str(out)) == 0
+    assert _main("--bundle", str(unsigned_bundle), str(volumes), "--out", str(out)) == 0
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     by_name = {os.path.relpath(r["file"], volumes): r for r in rows}
@@ -264,9 +274,9 @@ def test_bad_files_give_error_rows_and_the_run_goes_on(bundle_dir, volumes, tmp_
 
 
 @pytest.mark.realdata
-def test_per_frame_rows_show_the_bad_frame(bundle_dir, volumes, tmp_path):  # noqa: F811
+def test_per_frame_rows_show_the_bad_frame(unsigned_bundle, volumes, tmp_path):  # noqa: F811
     out = tmp_path / "r.json"
-    assert _main("--bundle", str(bundle_dir), str(volumes / "bad_corrupt_frame.dcm"), "--per-frame",
+    assert _main("--bundle", str(unsigned_bundle), str(volumes / "bad_corrupt_frame.dcm"), "--per-frame",
                  "--out", str(out), "--quiet") == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["level"] for r in rows] == ["frame"] * 6 + ["volume"]
@@ -275,26 +285,26 @@ def test_per_frame_rows_show_the_bad_frame(bundle_dir, volumes, tmp_path):  # no
 
 
 @pytest.mark.realdata
-def test_identifiers_only_with_keep_identifiers(bundle_dir, volumes, tmp_path):  # noqa: F811
+def test_identifiers_only_with_keep_identifiers(unsigned_bundle, volumes, tmp_path):  # noqa: F811
     files = [str(volumes / "oct8.dcm"), str(volumes / "oct_jpeg.dcm")]
     uid = str(pydicom.dcmread(volumes / "oct8.dcm").SOPInstanceUID)
     for ext in ("csv", "json"):
         out = tmp_path / f"r.{ext}"
-        assert _main("--bundle", str(bundle_dir), *files, "--per-frame", "--out", str(out), "--quiet") == 0
+        assert _main("--bundle", str(unsigned_bundle), *files, "--per-frame", "--out", str(out), "--quiet") == 0
         text = out.read_text()
         for value in ("DOE", "JANE", "PID-0042", "19500101", "20240131", "patient"):
             assert value not in text, (ext, value)
         assert uid in text
-        assert _main("--bundle", str(bundle_dir), *files, "--keep-identifiers", "--out", str(out), "--quiet") == 0
+        assert _main("--bundle", str(unsigned_bundle), *files, "--keep-identifiers", "--out", str(out), "--quiet") == 0
         text = out.read_text()
         for value in ("DOE^JANE", "PID-0042", "19500101", "20240131", "patient_id"):
             assert value in text, (ext, value)
 
 
 @pytest.mark.realdata
-def test_images_and_volumes_in_one_run(bundle_dir, volumes, bscans, tmp_path):  # noqa: F811
+def test_images_and_volumes_in_one_run(unsigned_bundle, volumes, bscans, tmp_path):  # noqa: F811
     out = tmp_path / "r.csv"
-    assert _main("--bundle", str(bundle_dir), str(bscans[0]), str(volumes / "oct8.dcm"), "--out", str(out),
+    assert _main("--bundle", str(unsigned_bundle), str(bscans[0]), str(volumes / "oct8.dcm"), "--out", str(out),
                  "--quiet") == 0
     with open(out, newline="", encoding="utf-8") as f:
         image, vol = list(csv.DictReader(f))
@@ -303,7 +313,7 @@ def test_images_and_volumes_in_one_run(bundle_dir, volumes, bscans, tmp_path):  
 
 
 @pytest.mark.realdata
-def test_a_header_claiming_too_many_frames(bundle_dir, volumes, tmp_path):  # noqa: F811
+def test_a_header_claiming_too_many_frames(unsigned_bundle, volumes, tmp_path):  # noqa: F811
     """Number of Frames larger than the pixel data: the missing frames are unreadable, without decoding each."""
     from export.runtime import Screener
     from export.volume import screen_volume
@@ -311,11 +321,11 @@ def test_a_header_claiming_too_many_frames(bundle_dir, volumes, tmp_path):  # no
     ds = pydicom.dcmread(volumes / "oct8.dcm")
     ds.NumberOfFrames = 5000
     ds.save_as(tmp_path / "lie.dcm")
-    (row,) = screen_volume(Screener(bundle_dir, allow_unsigned=True), str(tmp_path / "lie.dcm"))
+    (row,) = screen_volume(Screener(unsigned_bundle, allow_unsigned=True), str(tmp_path / "lie.dcm"))
     assert (row["frames"], row["error_frames"]) == (5000, 4994) and "truncated" in row["error"]
     ds.NumberOfFrames = dicom.MAX_FRAMES + 1
     ds.save_as(tmp_path / "huge.dcm")
-    (row,) = screen_volume(Screener(bundle_dir, allow_unsigned=True), str(tmp_path / "huge.dcm"))
+    (row,) = screen_volume(Screener(unsigned_bundle, allow_unsigned=True), str(tmp_path / "huge.dcm"))
     assert row["verdict"] == "error" and "MAX_FRAMES" in row["error"]
 
 
@@ -326,9 +336,9 @@ def test_min_confidence_out_of_range_is_refused_before_loading(tmp_path, capsys)
 
 
 @pytest.mark.realdata
-def test_dicom_screening_runs_without_tensorflow(bundle_dir, volumes, tmp_path):  # noqa: F811
+def test_dicom_screening_runs_without_tensorflow(unsigned_bundle, volumes, tmp_path):  # noqa: F811
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(bundle_dir), "--allow-unsigned", str(volumes),
+    proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(unsigned_bundle), "--allow-unsigned", str(volumes),
                            "--out", str(out)],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -517,16 +527,16 @@ def series_study(tmp_path_factory):
 
 
 @pytest.mark.realdata
-def test_a_series_of_single_frame_files_gives_one_verdict_per_eye(bundle_dir, series_study, tmp_path):  # noqa: F811
+def test_a_series_of_single_frame_files_gives_one_verdict_per_eye(unsigned_bundle, series_study, tmp_path):  # noqa: F811
     from medrobust_screen.screener import Screener
 
     root, jpegs, uids = series_study
     out = tmp_path / "r.json"
-    assert _main("--bundle", str(bundle_dir), str(root), "--out", str(out), "--quiet") == 0
+    assert _main("--bundle", str(unsigned_bundle), str(root), "--out", str(out), "--quiet") == 0
     doc = json.loads(out.read_text())
     rows = doc["results"]
     assert len(rows) == 2 and {r["laterality"] for r in rows} == {"R", "L"}  # 10 files, 2 eyes
-    screener = Screener(bundle_dir, allow_unsigned=True)
+    screener = Screener(unsigned_bundle, allow_unsigned=True)
     for row in rows:
         eye = row["laterality"]
         assert row["level"] == "volume" and row["frames"] == 5 and row["files"] == 5
@@ -544,10 +554,10 @@ def test_a_series_of_single_frame_files_gives_one_verdict_per_eye(bundle_dir, se
 
 
 @pytest.mark.realdata
-def test_series_frames_are_ordered_by_instance_number(bundle_dir, series_study, tmp_path):  # noqa: F811
+def test_series_frames_are_ordered_by_instance_number(unsigned_bundle, series_study, tmp_path):  # noqa: F811
     root, jpegs, uids = series_study
     out = tmp_path / "r.json"
-    assert _main("--bundle", str(bundle_dir), str(root), "--per-frame", "--out", str(out), "--quiet") == 0
+    assert _main("--bundle", str(unsigned_bundle), str(root), "--per-frame", "--out", str(out), "--quiet") == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["level"] for r in rows] == (["frame"] * 5 + ["volume"]) * 2
     for block in (rows[:6], rows[6:]):
@@ -560,7 +570,7 @@ def test_series_frames_are_ordered_by_instance_number(bundle_dir, series_study, 
 
 
 @pytest.mark.realdata
-def test_conflicting_series_are_not_merged_and_say_why(bundle_dir, tmp_path):  # noqa: F811
+def test_conflicting_series_are_not_merged_and_say_why(unsigned_bundle, tmp_path):  # noqa: F811
     scans = _bscan_pixels(6)
     p = [pixels for _, pixels in scans]
     root = tmp_path / "export"
@@ -595,7 +605,7 @@ def test_conflicting_series_are_not_merged_and_say_why(bundle_dir, tmp_path):  #
     _single(root / "study0.dcm", p[2], StudyInstanceUID=other, ImageLaterality="L", InstanceNumber=2)
     _single(root / "study1.dcm", p[3], StudyInstanceUID=other, ImageLaterality="L", InstanceNumber=1)
     out = tmp_path / "r.csv"
-    assert _main("--bundle", str(bundle_dir), str(root), "--out", str(out), "--quiet") == 0
+    assert _main("--bundle", str(unsigned_bundle), str(root), "--out", str(out), "--quiet") == 0
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     by_name = {os.path.relpath(r["file"], root): r for r in rows}
@@ -704,7 +714,7 @@ def test_report_orders_sections_and_escapes_what_comes_from_files(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def report_run(bundle_dir, series_study, tmp_path_factory):  # noqa: F811
+def report_run(unsigned_bundle, series_study, tmp_path_factory):  # noqa: F811
     """A run over real scans (oct2017_subset JPEGs, one named with <script>), the two-eye series and a
     corrupt DICOM file, with --out and --report."""
     real = sorted((REAL_DATA / "val").rglob("*.jpeg"))[::8][:3]
@@ -718,13 +728,13 @@ def report_run(bundle_dir, series_study, tmp_path_factory):  # noqa: F811
         (images / name).write_bytes(src.read_bytes())
     (images / "corrupt.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00garbage")
     out, html_path = root / "r.csv", root / "report.html"
-    assert _main("--bundle", str(bundle_dir), str(images), str(series_study[0]), "--out", str(out),
+    assert _main("--bundle", str(unsigned_bundle), str(images), str(series_study[0]), "--out", str(out),
                  "--report", str(html_path), "--quiet") == 0
     return root, out, html_path
 
 
 @pytest.mark.realdata
-def test_html_report_of_a_real_run(bundle_dir, report_run, series_study, tmp_path):  # noqa: F811
+def test_html_report_of_a_real_run(unsigned_bundle, report_run, series_study, tmp_path):  # noqa: F811
     root, out, html_path = report_run
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -751,11 +761,11 @@ def test_html_report_of_a_real_run(bundle_dir, report_run, series_study, tmp_pat
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
     # the rows are the same bytes with or without --report, and identifiers appear only when asked for
     again = tmp_path / "again.csv"
-    assert _main("--bundle", str(bundle_dir), str(root / "images"), str(series_study[0]), "--out", str(again),
+    assert _main("--bundle", str(unsigned_bundle), str(root / "images"), str(series_study[0]), "--out", str(again),
                  "--quiet") == 0
     assert again.read_bytes() == out.read_bytes()
     kept = tmp_path / "kept.html"
-    assert _main("--bundle", str(bundle_dir), str(series_study[0]), "--report", str(kept), "--keep-identifiers",
+    assert _main("--bundle", str(unsigned_bundle), str(series_study[0]), "--report", str(kept), "--keep-identifiers",
                  "--quiet") == 0
     assert "DOE^JANE" in kept.read_text(encoding="utf-8") and "PID-0042" in kept.read_text(encoding="utf-8")
 

@@ -333,6 +333,7 @@ def test_manifest_missing_field_is_refused(bundle_dir, scans, keys, tmp_path, ca
         node = node[key]
     del node[last]
     (bad / "manifest.json").write_text(json.dumps(manifest))
+    (bad / "signature.json").unlink()  # unsigned: --allow-unsigned reaches the manifest checks
     assert _main("--bundle", str(bad), "--allow-unsigned", str(scans)) == 2
     err = capsys.readouterr().err.strip()
     assert "missing field" in err and last in err
@@ -345,6 +346,7 @@ def test_manifest_missing_field_is_refused(bundle_dir, scans, keys, tmp_path, ca
 
 def test_no_manifest_and_broken_manifest_are_refused(bundle_dir, scans, tmp_path, capsys):
     bad = _copy(bundle_dir, tmp_path)
+    (bad / "signature.json").unlink()
     (bad / "manifest.json").write_text("{ not json")
     assert _main("--bundle", str(bad), "--allow-unsigned", str(scans)) == 2
     assert "not valid JSON" in capsys.readouterr().err
@@ -426,6 +428,9 @@ def test_edited_threshold_is_refused_signed_or_not(bundle_dir, scans, keys, tmp_
     (bad / "manifest.json").write_text(json.dumps(manifest, indent=2))
     assert _main("--bundle", str(bad), "--trusted-key", str(keys.public), str(scans / "nested")) == 2
     assert "signature does not verify" in capsys.readouterr().err
+    assert _main("--bundle", str(bad), "--allow-unsigned", str(scans / "nested")) == 2
+    assert "is signed" in capsys.readouterr().err  # a present signature is never skipped
+    (bad / "signature.json").unlink()
     assert _main("--bundle", str(bad), "--allow-unsigned", str(scans / "nested")) == 2
     err = capsys.readouterr().err
     assert "threshold 1000.0" in err and "baked in" in err
@@ -676,6 +681,27 @@ def test_the_referral_threshold_of_the_run_is_applied_on_the_device(referral_bun
     assert all(r["disease_screen"] is None for r in doc["results"] if r["verdict"] == "error")
 
 
+def test_a_signed_bundle_is_never_screened_unchecked(referral_bundle, scans, keys, tmp_path, capsys):
+    """New-user finding: --allow-unsigned on a signed bundle skipped the check, so an edited referral threshold
+    (in the manifest only, not baked into a model) was used: 0.99 made every screen negative."""
+    signed = _copy(referral_bundle, tmp_path)
+    (signed / "signature.json").write_text(json.dumps(_signature_over(signed, keys.private)))
+    assert _main("--bundle", str(signed), "--allow-unsigned", str(scans)) == 2  # signed: the flag is refused
+    err = capsys.readouterr().err
+    assert "is signed" in err and "--trusted-key" in err and len(err.strip().splitlines()) == 1
+    manifest = json.loads((signed / "manifest.json").read_text())
+    manifest["referral"]["threshold"] = 0.99
+    (signed / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "r.csv"
+    assert _main("--bundle", str(signed), "--allow-unsigned", str(scans), "--out", str(out)) == 2
+    assert _main("--bundle", str(signed), "--trusted-key", str(keys.public), str(scans), "--out", str(out)) == 2
+    assert "signature does not verify" in capsys.readouterr().err
+    assert not out.exists()
+    (signed / "signature.json").write_text("{ not json")  # a broken signature is no way around the check
+    assert _main("--bundle", str(signed), "--allow-unsigned", str(scans)) == 2
+    assert "signature.json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.1, "0.5", True])
 def test_a_referral_threshold_that_is_no_probability_is_refused(referral_bundle, scans, tmp_path, capsys, bad):
     broken = _copy(referral_bundle, tmp_path)
@@ -740,16 +766,17 @@ def test_the_bundle_lists_the_detector_parts_and_its_part_scores_make_the_anomal
                - detector.combine(z[None])[0]) > 0.1
 
 
-def test_rows_name_the_top_part_only_for_bundles_with_part_scores(parts_bundle, bundle_dir, scans, tmp_path):
+def test_rows_name_the_top_part_only_for_bundles_with_part_scores(parts_bundle, bundle_dir, scans, trust, keys,
+                                                                 tmp_path):
     from medrobust_screen.screener import Screener
 
     out, old = tmp_path / "new.csv", tmp_path / "old.csv"
     assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(out), "--quiet") == 0
-    assert _main("--bundle", str(bundle_dir), "--allow-unsigned", str(scans), "--out", str(old), "--quiet") == 0
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(old), "--quiet") == 0
     rows, old_rows = _rows_csv(out), _rows_csv(old)
     assert list(rows[0])[-1] == "top_part" and "top_part" not in old_rows[0]
     screener = Screener(parts_bundle, allow_unsigned=True)
-    assert Screener(bundle_dir, allow_unsigned=True).parts is None
+    assert Screener(bundle_dir, trusted_key=keys.public).parts is None
     for row in rows:
         if row["verdict"] == "error":
             assert row["top_part"] == ""
@@ -762,12 +789,12 @@ def test_rows_name_the_top_part_only_for_bundles_with_part_scores(parts_bundle, 
     assert [p["name"] for p in doc["detector_parts"]] == list(screener.part_names)
     assert all(("top_part" in r) and (r["top_part"] or r["verdict"] == "error") for r in doc["results"])
     old_doc = tmp_path / "old.json"
-    assert _main("--bundle", str(bundle_dir), "--allow-unsigned", str(scans), "--out", str(old_doc), "--quiet") == 0
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(old_doc), "--quiet") == 0
     old_doc = json.loads(old_doc.read_text())
     assert "detector_parts" not in old_doc and not any("top_part" in r for r in old_doc["results"])
 
 
-def test_the_report_shows_the_part_scores_and_names_the_top_part(parts_bundle, bundle_dir, scans, tmp_path):
+def test_the_report_shows_the_part_scores_and_names_the_top_part(parts_bundle, bundle_dir, scans, trust, tmp_path):
     html_path, out = tmp_path / "r.html", tmp_path / "r.csv"
     assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(out), "--report",
                  str(html_path), "--quiet") == 0
@@ -781,7 +808,7 @@ def test_the_report_shows_the_part_scores_and_names_the_top_part(parts_bundle, b
     for part in names:
         assert f">{part['name']}</td>" in text and part["name"] in text
     old = tmp_path / "old.html"
-    assert _main("--bundle", str(bundle_dir), "--allow-unsigned", str(scans), "--report", str(old), "--quiet") == 0
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--report", str(old), "--quiet") == 0
     old_text = old.read_text(encoding="utf-8")
     assert "only the combined anomaly score" in old_text and '<table class="parts">' not in old_text
 
