@@ -42,7 +42,10 @@ TEACHER_FOLDER = "teacher"  # OUT/teacher: the --teacher standard run (a normal 
 STRATEGIES = ("none", "mirrored", "multiworker")
 LR_SCHEDULES = ("cosine", "constant")
 ARCHS = ("auto", "small_cnn", "strided_cnn", "mobilenet_v3_small", "resnet18")  # medrobust.models.ARCHITECTURES
-ARCH_MIN_SIZE = {"mobilenet_v3_small": 32}  # medrobust.models.mobilenet.MIN_SIZE (checked before TensorFlow loads)
+# Smallest --image-size each architecture can take (checked before TensorFlow loads): small_cnn has two 2x2
+# max-pools, strided_cnn one more stride 2; mobilenet: medrobust.models.mobilenet.MIN_SIZE; the UAD
+# autoencoder needs 4 (medrobust.detection.autoencoder).
+ARCH_MIN_SIZE = {"small_cnn": 4, "strided_cnn": 8, "mobilenet_v3_small": 32, "resnet18": 4}
 STRIDED_FROM = 64  # --arch auto: image size from which the strided stem pays (README, "Training on real scans")
 AUGMENT = ("auto", "true", "false")
 CLASS_WEIGHTS = ("balanced", "none")
@@ -212,7 +215,9 @@ def train(data: str = "auto", method: str = "ssat", label_fraction: float = 0.1,
     )
     if options["arch"] == "auto":  # resolved here, so config.json and reruns see the architecture itself
         options["arch"] = "strided_cnn" if int(image_size) >= STRIDED_FROM else "small_cnn"
-    if int(image_size) < ARCH_MIN_SIZE.get(options["arch"], 1):
+    if int(image_size) < 1:
+        raise cli.UsageError(f"--image-size must be a positive integer (pixels), got {image_size}")
+    if int(image_size) < ARCH_MIN_SIZE[options["arch"]]:
         raise cli.UsageError(f"--arch {options['arch']} needs --image-size >= {ARCH_MIN_SIZE[options['arch']]}, "
                              f"got {image_size}")
     if str(epochs).strip().lower() == "auto":
