@@ -763,6 +763,12 @@ def _check_data_argument(data: str) -> None:
     """Fail before TensorFlow loads if the data argument cannot be right."""
     if data not in ("auto", "phantom", "octmnist") and not Path(data).expanduser().exists():
         raise cli.UsageError(f"--data {data}: no such file or folder (expected auto, phantom, octmnist, a .npz or a folder)")
+    if data not in ("auto", "phantom", "octmnist"):
+        from medrobust.data.folders import split_layout_problem  # no TensorFlow import
+
+        problem = split_layout_problem(Path(data).expanduser())
+        if problem:
+            raise cli.UsageError(f"--data {problem}")
 
 
 def main() -> None:

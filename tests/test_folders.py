@@ -160,6 +160,38 @@ def test_kermany_splits_without_val(kermany):
     assert set(splits) == {"train", "test"}
 
 
+@pytest.mark.parametrize("remove", [["test"], ["train"], ["train", "val"], ["val", "test"]])
+def test_a_folder_missing_a_split_is_refused_not_re_split(kermany, remove):
+    """New-user finding: train/ + val/ without test/ was pooled and re-split 70/15/15 without a word."""
+    import shutil
+
+    from medrobust.data import load_data
+    from medrobust.data.folders import split_layout_problem
+
+    assert split_layout_problem(kermany) is None
+    for split in remove:
+        shutil.rmtree(kermany / split)
+    problem = split_layout_problem(kermany)
+    assert problem and str(kermany) in problem and "no " in problem and "re-split" in problem
+    assert all(f"{s}/" in problem.split("but no")[1] for s in remove if s != "val")
+    with pytest.raises(ValueError, match="but no"):
+        load_data(str(kermany), image_size=SIZE, seed=0)
+    assert split_layout_problem(kermany / ("val" if "val" not in remove else "test" if "test" not in remove
+                                           else "train")) is None  # a folder of class folders
+
+
+def test_a_lone_val_folder_among_groups_is_pooled_with_a_warning(kermany):
+    import shutil
+
+    from medrobust.data import load_data
+
+    shutil.rmtree(kermany / "train")
+    (kermany / "test").rename(kermany / "clinic_b")
+    with pytest.warns(UserWarning, match="val/ included"):
+        data = load_data(str(kermany), image_size=SIZE, seed=0)
+    assert sum(len(data[s][1]) for s in ("train", "val", "test")) == 24
+
+
 def test_not_a_kermany_root(kermany):
     with pytest.raises(ValueError, match="train"):
         load_kermany_splits(kermany / "val", SIZE)

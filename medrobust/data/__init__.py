@@ -165,6 +165,9 @@ def _from_npz(path: Path, image_size: int, seed: int) -> OCTData:
 def _from_folder(path: Path, image_size: int, seed: int) -> OCTData:
     from medrobust.data import folders
 
+    problem = folders.split_layout_problem(path)
+    if problem:
+        raise ValueError(problem)
     if folders.is_kermany_root(path):
         loaded = folders.load_kermany_splits(path, image_size, progress=True)
         splits = {name: (part.x, part.y) for name, part in loaded.items()}
@@ -179,6 +182,9 @@ def _from_folder(path: Path, image_size: int, seed: int) -> OCTData:
             splits["val"] = (train.x[is_val], train.y[is_val])
             patients["train"], patients["val"] = list(ids[~is_val]), list(ids[is_val])
     else:
+        if folders._split_dirs(str(path)):  # a lone val/ among other groups: pooled, and said
+            warnings.warn(f"{path}: no train/ and test/ folders, so its sub-folders (val/ included) are pooled "
+                          "and split by patient 70/15/15", stacklevel=3)
         part = folders.load_image_tree(path, image_size, progress=True)
         which = patient_split(part.files, seed)
         splits = {s: (part.x[which == s], part.y[which == s]) for s in SPLIT_NAMES}

@@ -119,6 +119,26 @@ def is_kermany_root(root) -> bool:
     return "train" in found and "test" in found
 
 
+def split_layout_problem(root) -> str | None:
+    """Why ``root``'s split folders cannot be used as given, or None.
+
+    A folder with train/ but no test/ (or test/ but no train/), each holding class folders, would otherwise
+    be pooled and re-split by patient, silently replacing the splits its owner made: refused instead (one
+    line naming the folder and what is missing). A lone val/ beside other groups (as in oct2017_subset/)
+    is pooled like any group, with a warning from `load_image_tree`."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return None
+    found = _split_dirs(root)
+    if ("train" in found) == ("test" in found):  # both (splits as given) or neither (pooled as groups)
+        return None
+    missing = [s for s in ("train", "test") if s not in found]
+    return (f"{root}: has {', '.join(found[s] + '/' for s in _SPLITS if s in found)} but no "
+            f"{' or '.join(m + '/' for m in missing)}; medrobust keeps the splits a folder gives (train/ and "
+            "test/, val/ optional) and would otherwise pool and re-split them. Add the missing split, or "
+            "point --data at one folder of class folders to have it split by patient 70/15/15")
+
+
 def _require_dir(root: str) -> None:
     if not os.path.isdir(root):
         what = "does not exist" if not os.path.exists(root) else "is not a folder"
