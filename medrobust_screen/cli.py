@@ -57,7 +57,8 @@ and folders are skipped); files named explicitly are always screened. Images are
 time (bounded memory); with --out the results are streamed to a temporary file (created with the
 umask's permissions) that is renamed into place at the end; nothing is written before the first row.
 
-Exit status: 0 when every file found was processed (error rows included); 2 for a bad bundle, a
+Exit status: 0 when every file found was screened; 1 when some could not be (their rows say why, the
+other rows are complete and written, and a warning says how many); 2 for a bad bundle, a
 signature that does not verify, bad arguments, an input path that does not exist, or when no image
 file was found; 130 when interrupted; 141 when the reader of standard output went away (``| head``).
 """
@@ -91,7 +92,8 @@ def build_parser() -> ArgumentParser:
                     "flags the scan: do not trust the AI on it, a human reads it.",
         epilog="The bundle is checked before any image is read: its signature against --trusted-key, the "
                "sha256 of every file, and the threshold baked into the model. Exit status: 0 when every file "
-               "found was processed (unreadable files get error rows), 2 for a bad bundle, a signature that "
+               "found was screened, 1 when some could not be (they get error rows; the rest is written), 2 for "
+               "a bad bundle, a signature that "
                "does not verify, bad arguments, a missing input path or no image found, 130 when interrupted.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="image or DICOM files and/or folders (searched recursively for "
@@ -240,7 +242,7 @@ def _run(args, log, warn) -> int:
     n_images = n_files - dicom_counts["volumes"] + dicom_counts["bscans"]  # 2-D images + B-scans
     rate = n_images / seconds if seconds > 0 else float("inf")
     log(f"screened {n_files} {'images and volumes' if is_dicom else 'files'}: {counts[VERDICT_CLASSIFY]} classify, {counts[VERDICT_REFER]} refer, "
-        f"{counts[VERDICT_ERROR]} errors"
+        f"{counts[VERDICT_ERROR]} error{'' if counts[VERDICT_ERROR] == 1 else 's'}"
         + (f"; {positives} screen positive (p_disease >= {screener.referral_threshold:.4g})" if screener.referral else "")
         + (f" ({dicom_counts['bscans']} B-scans in {dicom_counts['volumes']} DICOM volumes)"
            if dicom_counts["volumes"] else "")
@@ -249,6 +251,11 @@ def _run(args, log, warn) -> int:
         + (f"; report {args.report}" if args.report else ""))
     if screener.signature["status"] != "verified":
         warn("these results come from a bundle whose signature was NOT VERIFIED (--allow-unsigned)")
+    if counts[VERDICT_ERROR]:
+        # Said even with --quiet, and in the exit status, so a script cannot mistake a partial run for a full one.
+        warn(f"{counts[VERDICT_ERROR]} of {n_files} could not be screened (verdict 'error'; the error column says "
+             "why); exit status 1")
+        return 1
     return 0
 
 

@@ -112,7 +112,7 @@ def test_screen_runtime_on_a_folder_with_every_bad_file(bad_folder_run, tmp_path
                     module="export")
     assert built.returncode == 0, built.stderr[-3000:]
     result = run_cli("--bundle", str(bundle), "--allow-unsigned", str(root / "train" / "CNV"), module="export.runtime")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     rows = {row["file"].rsplit("/", 1)[-1]: row for row in csv.DictReader(io.StringIO(result.stdout))}
     for kind, path in made.items():

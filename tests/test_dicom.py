@@ -247,7 +247,7 @@ def test_verdicts_equal_the_jpeg_verdicts(unsigned_bundle, volumes, bscans, tmp_
 @pytest.mark.realdata
 def test_bad_files_give_error_rows_and_the_run_goes_on(unsigned_bundle, volumes, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "r.csv"
-    assert _main("--bundle", str(unsigned_bundle), str(volumes), "--out", str(out)) == 0
+    assert _main("--bundle", str(unsigned_bundle), str(volumes), "--out", str(out)) == 1
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     by_name = {os.path.relpath(r["file"], volumes): r for r in rows}
@@ -341,7 +341,7 @@ def test_dicom_screening_runs_without_tensorflow(unsigned_bundle, volumes, tmp_p
     proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(unsigned_bundle), "--allow-unsigned", str(volumes),
                            "--out", str(out)],
                           capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["summary"]["volumes"] == 12 and doc["summary"]["error"] == 4
 
@@ -605,7 +605,7 @@ def test_conflicting_series_are_not_merged_and_say_why(unsigned_bundle, tmp_path
     _single(root / "study0.dcm", p[2], StudyInstanceUID=other, ImageLaterality="L", InstanceNumber=2)
     _single(root / "study1.dcm", p[3], StudyInstanceUID=other, ImageLaterality="L", InstanceNumber=1)
     out = tmp_path / "r.csv"
-    assert _main("--bundle", str(unsigned_bundle), str(root), "--out", str(out), "--quiet") == 0
+    assert _main("--bundle", str(unsigned_bundle), str(root), "--out", str(out), "--quiet") == 1
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     by_name = {os.path.relpath(r["file"], root): r for r in rows}
@@ -729,7 +729,7 @@ def report_run(unsigned_bundle, series_study, tmp_path_factory):  # noqa: F811
     (images / "corrupt.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00garbage")
     out, html_path = root / "r.csv", root / "report.html"
     assert _main("--bundle", str(unsigned_bundle), str(images), str(series_study[0]), "--out", str(out),
-                 "--report", str(html_path), "--quiet") == 0
+                 "--report", str(html_path), "--quiet") == 1
     return root, out, html_path
 
 
@@ -762,7 +762,7 @@ def test_html_report_of_a_real_run(unsigned_bundle, report_run, series_study, tm
     # the rows are the same bytes with or without --report, and identifiers appear only when asked for
     again = tmp_path / "again.csv"
     assert _main("--bundle", str(unsigned_bundle), str(root / "images"), str(series_study[0]), "--out", str(again),
-                 "--quiet") == 0
+                 "--quiet") == 1
     assert again.read_bytes() == out.read_bytes()
     kept = tmp_path / "kept.html"
     assert _main("--bundle", str(unsigned_bundle), str(series_study[0]), "--report", str(kept), "--keep-identifiers",

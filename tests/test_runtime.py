@@ -166,7 +166,7 @@ def _rows_csv(path: Path) -> list[dict]:
 
 def test_screens_folder_with_odd_files_and_goes_on(bundle_dir, scans, trust, tmp_path, capsys):
     out = tmp_path / "results.csv"
-    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(out)) == 0
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(out)) == 1
     rows = _rows_csv(out)
     by_name = {Path(r["file"]).name: r for r in rows}
     n_real = len([n for n in by_name if n.startswith("real_")])
@@ -187,13 +187,15 @@ def test_screens_folder_with_odd_files_and_goes_on(bundle_dir, scans, trust, tmp
     assert "corrupt" in by_name["corrupt.jpeg"]["error"] or "not an image" in by_name["corrupt.jpeg"]["error"]
     err = capsys.readouterr().err
     assert "4 errors" in err and "1 non-image files ignored" in err
+    assert "4 of " in err and "could not be screened" in err and "exit status 1" in err  # said, and in the status
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans / "nested"), "--quiet") == 0  # all screened: 0
 
 
 def test_json_output_explicit_files(bundle_dir, scans, trust, tmp_path):
     out = tmp_path / "results.json"
     files = [str(scans / "rgba.png"), str(scans / "notes.txt")]
-    assert _main("--bundle", str(bundle_dir), *trust, *files, "--out", str(out), "--quiet") == 0
+    assert _main("--bundle", str(bundle_dir), *trust, *files, "--out", str(out), "--quiet") == 1
     doc = json.loads(out.read_text())
     assert [Path(r["file"]).name for r in doc["results"]] == ["rgba.png", "notes.txt"]
     ok, txt = doc["results"]
@@ -512,7 +514,7 @@ def test_runtime_runs_without_tensorflow(bundle_dir, scans, trust, tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-c", NO_TF, "--bundle", str(bundle_dir), *trust, str(scans),
                            "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["summary"]["error"] == len(BAD) and doc["summary"]["images"] >= len(GOOD | BAD)
     assert "screened" in proc.stderr and doc["bundle_signature"]["status"] == "verified"
@@ -616,7 +618,7 @@ def test_old_and_new_command_paths_write_the_same_bytes(bundle_dir, scans, trust
         proc = subprocess.run([sys.executable, "-m", module, "--bundle", str(bundle_dir), *trust, str(scans),
                                "--out", str(out), "--quiet"],
                               capture_output=True, text=True, env=ENV, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.returncode == 1, proc.stderr[-2000:]
         outputs[module] = out.read_bytes()
     assert outputs["export.runtime"] == outputs["medrobust_screen"] and outputs["export.runtime"].count(b"\n") > 10
 
@@ -656,7 +658,7 @@ def test_the_referral_threshold_of_the_run_is_applied_on_the_device(referral_bun
     manifest = json.loads((referral_bundle / "manifest.json").read_text())
     assert manifest["referral"]["threshold"] == 0.74 and manifest["referral"]["target_sensitivity"] == 0.95
     out = tmp_path / "r.csv"
-    assert _main("--bundle", str(referral_bundle), "--allow-unsigned", str(scans), "--out", str(out)) == 0
+    assert _main("--bundle", str(referral_bundle), "--allow-unsigned", str(scans), "--out", str(out)) == 1
     rows = _rows_csv(out)
     assert list(rows[0])[-2:] == ["p_disease", "disease_screen"]
     screener = Screener(referral_bundle, allow_unsigned=True)
@@ -674,7 +676,7 @@ def test_the_referral_threshold_of_the_run_is_applied_on_the_device(referral_bun
     assert f"{positives} screen positive" in capsys.readouterr().err
     doc_path = tmp_path / "r.json"
     assert _main("--bundle", str(referral_bundle), "--allow-unsigned", str(scans), "--out", str(doc_path),
-                 "--quiet") == 0
+                 "--quiet") == 1
     doc = json.loads(doc_path.read_text())
     assert doc["referral"]["threshold"] == 0.74 and "1 - P(NORMAL)" in doc["referral"]["rule"]
     assert doc["summary"]["screen_positive"] == positives
@@ -771,8 +773,8 @@ def test_rows_name_the_top_part_only_for_bundles_with_part_scores(parts_bundle, 
     from medrobust_screen.screener import Screener
 
     out, old = tmp_path / "new.csv", tmp_path / "old.csv"
-    assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(out), "--quiet") == 0
-    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(old), "--quiet") == 0
+    assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(out), "--quiet") == 1
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(old), "--quiet") == 1
     rows, old_rows = _rows_csv(out), _rows_csv(old)
     assert list(rows[0])[-1] == "top_part" and "top_part" not in old_rows[0]
     screener = Screener(parts_bundle, allow_unsigned=True)
@@ -784,12 +786,12 @@ def test_rows_name_the_top_part_only_for_bundles_with_part_scores(parts_bundle, 
         z = screener.predict_parts(screener.load(row["file"]))[3]
         assert row["top_part"] == screener.part_names[int(np.argmax(z))]
     doc_path = tmp_path / "new.json"
-    assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(doc_path), "--quiet") == 0
+    assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(doc_path), "--quiet") == 1
     doc = json.loads(doc_path.read_text())
     assert [p["name"] for p in doc["detector_parts"]] == list(screener.part_names)
     assert all(("top_part" in r) and (r["top_part"] or r["verdict"] == "error") for r in doc["results"])
     old_doc = tmp_path / "old.json"
-    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(old_doc), "--quiet") == 0
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--out", str(old_doc), "--quiet") == 1
     old_doc = json.loads(old_doc.read_text())
     assert "detector_parts" not in old_doc and not any("top_part" in r for r in old_doc["results"])
 
@@ -797,7 +799,7 @@ def test_rows_name_the_top_part_only_for_bundles_with_part_scores(parts_bundle, 
 def test_the_report_shows_the_part_scores_and_names_the_top_part(parts_bundle, bundle_dir, scans, trust, tmp_path):
     html_path, out = tmp_path / "r.html", tmp_path / "r.csv"
     assert _main("--bundle", str(parts_bundle), "--allow-unsigned", str(scans), "--out", str(out), "--report",
-                 str(html_path), "--quiet") == 0
+                 str(html_path), "--quiet") == 1
     text = html_path.read_text(encoding="utf-8")
     rows = [r for r in _rows_csv(out) if r["verdict"] != "error"]
     names = json.loads((parts_bundle / "manifest.json").read_text())["detector"]["parts"]
@@ -808,7 +810,7 @@ def test_the_report_shows_the_part_scores_and_names_the_top_part(parts_bundle, b
     for part in names:
         assert f">{part['name']}</td>" in text and part["name"] in text
     old = tmp_path / "old.html"
-    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--report", str(old), "--quiet") == 0
+    assert _main("--bundle", str(bundle_dir), *trust, str(scans), "--report", str(old), "--quiet") == 1
     old_text = old.read_text(encoding="utf-8")
     assert "only the combined anomaly score" in old_text and '<table class="parts">' not in old_text
 
