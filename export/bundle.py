@@ -207,6 +207,11 @@ def export_bundle(run, out, quantize: str = "int8", onnx: bool = False, data=Non
     if out_dir.resolve() == run_dir.resolve():
         raise cli.UsageError("--out must not be the run folder")
     old_files = owned_files(out_dir)  # refuses a folder that is not ours, before any work
+    if old_files:  # said, not silent: the earlier bundle (and its signature) is about to be replaced
+        signed = SIGNATURE in old_files
+        log(f"note: {out_dir} holds an earlier export; its {len(old_files)} files "
+            + ("(signature.json included: sign the new bundle again) " if signed and signing_key is None else "")
+            + "are replaced by this one (files the export did not write are left alone)")
     if signing_key is not None and not hasattr(signing_key, "sign"):
         signing_key = load_signing_key(signing_key)
 

@@ -350,7 +350,9 @@ def help_text(component, argv: list[str]) -> str:
     lines += [*_wrap(text, 0), ""] if text else []
     lines.append("options:")
     for name, parameter in parameters:
-        head = name.upper() if parameter.default is parameter.empty else f"{flag(name)} VALUE"
+        # A required value may be given in place or by name (the README writes --bundle B --key K): show both.
+        head = (f"{name.upper()}  (or {flag(name)} {name.upper()})" if parameter.default is parameter.empty
+                else f"{flag(name)} VALUE")
         default = "" if parameter.default in (parameter.empty, None) else f"  (default: {parameter.default})"
         lines.append(f"  {head}{default}")
         lines += _wrap(described.get(name, ""), 6)

@@ -371,7 +371,9 @@ def test_interrupted_export_leaves_no_manifest_or_half_file(run_dir, detector, b
         Screener(out, allow_unsigned=True)
     # Running the export again into the interrupted folder finishes it.
     monkeypatch.setattr(converters, "to_tflite", real)
-    export_bundle(run_dir, out, quantize="none", onnx=False, detector=detector, log=lambda m: None)
+    said = []
+    export_bundle(run_dir, out, quantize="none", onnx=False, detector=detector, log=said.append)
+    assert any("holds an earlier export" in m and "replaced" in m for m in said)  # a replacement is said
     names = {p.name for p in out.iterdir()}
     assert {"manifest.json", "screening.tflite", "my_notes.onnx"} <= names and "export-in-progress.json" not in names
     assert "classifier.int8.onnx" not in names
