@@ -16,6 +16,9 @@ snapshot: lam * CE on FGSM adversaries of pseudo-labeled scans); ssat_pgd is the
 PGD-10 adversaries at 0.004 (the form measured before the cheap default); ssat_trades the robust self-training form with the snapshot teacher
 and PGD-10. With --seeds every method trains and is evaluated once per seed (seed = data split, label
 subset, initialisation, attacks' random starts), and the tables give mean +- sd over the seeds first.
+With both standard and ssat at a fraction below 1, the standard row is the default's own standard teacher
+(OUT/ssat_rst_.../teacher: the same labels, epochs and recipe), trained once and evaluated as its own row;
+its training time is counted once in compute_minutes and still belongs to ssat's cost in the table.
 --split val evaluates on the validation split (to choose a recipe without looking at test). It writes to
 --results: README.md (tables per attack, per-class sensitivity, system risk; the command, data and
 machine), results.json and two plots. Finished runs and evaluations under --out are reused, so an
@@ -41,6 +44,7 @@ import time
 from pathlib import Path
 
 DEFAULT_EPS = "0.001,0.002,1/255,2/255"
+BASELINES = ("pgd_at", "trades", "mart")  # the rows --baseline-steps applies to
 # Rows of the table that are not train.py methods: (method, extra train options).
 VARIANTS = {"ssat_paper": ("ssat", {"ssat_loss": "ce", "teacher": "snapshot"}),
             "ssat_pgd": ("ssat", {"attack": "pgd"}),
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluate on the test split, or on val (to choose a recipe)")
     parser.add_argument("--out", default="runs/compare_defenses", help="where the trained runs go")
     parser.add_argument("--results", default="docs/compare_defenses", help="where the table and plots go")
+    parser.add_argument("--baseline-steps", type=int, default=None, metavar="K",
+                        help="inner PGD steps of the PGD-AT, TRADES and MART rows only (default: the train CLI's "
+                             "--pgd-steps, 10); the cost of the comparison is mostly theirs (README)")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra option for every train run, e.g. width=16 (repeatable)")
     args = parser.parse_args(argv)
@@ -102,22 +109,33 @@ def main(argv: list[str] | None = None) -> None:
     extra = {key: _value(value) for key, value in (option.split("=", 1) for option in args.train_option)}
     if args.image_size is not None:
         extra["image_size"] = args.image_size
+    if args.baseline_steps is not None and args.baseline_steps < 1:
+        raise cli.UsageError(f"--baseline-steps must be >= 1, got {args.baseline_steps}")
+    baseline = {} if args.baseline_steps is None else {"pgd_steps": args.baseline_steps}
 
     cli.import_tensorflow()  # after the options are checked; without TensorFlow's CPU start-up noise (cuInit)
     from medrobust.evaluate import evaluate
-    from medrobust.train import train
+    from medrobust.train import TEACHER_FOLDER, TEACHER_SHARED, train
+
+    # The default (ssat) trains a standard teacher on the same labels, epochs and recipe as the standard row:
+    # the standard row *is* that run (OUT/ssat_rst_.../teacher), trained once and evaluated as its own row.
+    share_teacher = "standard" in methods and "ssat" in methods and set(extra) <= set(TEACHER_SHARED)
 
     started, rows, load_before = time.time(), [], os.getloadavg()
     for fraction in fractions:
         for name in methods:
             method, variant_options = VARIANTS.get(name, (name, {}))
+            if method in BASELINES:
+                variant_options = {**variant_options, **baseline}
             if name in ("ssat_trades", "ssat_pgd") and fraction >= 1.0 and "ssat" in methods:
                 print(f"== {name} at label fraction 1: no unlabeled scans, no teacher, the same as ssat's pool-free "
                       "form up to its attack; skipped")
                 continue
             detector = name in with_detector
             for seed in seeds:
-                run = Path(args.out) / f"{RUN_NAMES.get(name, name)}_frac{fraction:g}_ep{epochs}_seed{seed}"
+                run = Path(args.out) / run_name(name, fraction, epochs, seed)
+                if name == "standard" and share_teacher and fraction < 1:
+                    run = Path(args.out) / run_name("ssat", fraction, epochs, seed) / TEACHER_FOLDER
                 print(f"== {name} at label fraction {fraction:g}, seed {seed}" + (" + UAD" if detector else ""),
                       flush=True)
                 metrics = train(data=args.data, method=method, label_fraction=fraction, epochs=epochs, out=str(run),
@@ -134,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     print(f"   evaluation already complete in {eval_dir}")
                 config = json.loads((run / "config.json").read_text())
-                rows.append({**summarise(name, fraction, detector, metrics, report, attacks, config), "seed": seed})
+                rows.append({**summarise(name, fraction, detector, metrics, report, attacks, config), "seed": seed,
+                             "run": str(run)})
 
     results = {
         "command": "python " + " ".join([sys.argv[0] if argv is None else "examples/compare_defenses.py",
@@ -142,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         "data_source": report["data_source"], "synthetic_data": report["synthetic_data"],
         "n_test_images": report["n_images"], "split": args.split, "epochs": epochs, "seed": seeds[0], "seeds": seeds,
         "attacks": attacks, "eps": list(budgets), "train_options": extra, "machine": machine(),
+        "baseline_steps": args.baseline_steps,  # None: the train CLI's --pgd-steps (10)
         "load_average": {"start": [round(v, 1) for v in load_before], "end": [round(v, 1) for v in os.getloadavg()]},
         "date": datetime.date.today().isoformat(), "rows": rows, "summary": summary_rows(rows),
         # Wall time of this invocation (small when every run was reused) and the measured work behind the table.
         "minutes_this_invocation": round((time.time() - started) / 60, 1),
-        "compute_minutes": round(sum((r["train_seconds"] or 0) + (r["teacher_train_seconds"] or 0) for r in rows) / 60
+        "compute_minutes": round(sum((r["train_seconds"] or 0) + _unshared_teacher_seconds(r, rows) for r in rows) / 60
                                  + sum(r["detector_fit_seconds"] or 0 for r in rows) / 60
                                  + sum(r["evaluate_seconds"] or 0 for r in rows) / 60, 1),
     }
@@ -159,6 +179,18 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "README.md", markdown(results, plots))
     print(markdown(results, plots))
     print(f"wrote {out}")
+
+
+def run_name(name: str, fraction: float, epochs, seed: int) -> str:
+    return f"{RUN_NAMES.get(name, name)}_frac{fraction:g}_ep{epochs}_seed{seed}"
+
+
+def _unshared_teacher_seconds(row: dict, rows: list[dict]) -> float:
+    """A row's teacher training time, unless that teacher run is itself a row (counted there once)."""
+    teacher = row.get("teacher_path")
+    if teacher and any(r.get("run") and Path(r["run"]).resolve() == Path(teacher).resolve().parent for r in rows):
+        return 0.0
+    return row.get("teacher_train_seconds") or 0.0
 
 
 def _value(text: str):
@@ -194,6 +226,7 @@ def summarise(name: str, fraction: float, detector: bool, metrics: dict, report:
            # --teacher standard: the teacher run's training (OUT/teacher) is part of the method's cost.
            "teacher_train_seconds": ((config.get("teacher_run") or {}).get("metrics") or {}).get(
                "train_seconds_last_session"),
+           "teacher_path": (config.get("teacher_run") or {}).get("path"),
            "attacks": {}}
     keys = ["robust_accuracy", "balanced_robust_accuracy", "robust_sensitivity", "classifier_only_risk"]
     if detector:
@@ -380,7 +413,9 @@ def markdown(results: dict, plots: list[str]) -> str:
         f"- **Training:** {', '.join(epochs)} epochs for every method (`--epochs {results['epochs']}`; equal optimizer "
         f"steps), {', '.join(archs)}, the train CLI's recipe, seed{'s' if len(results.get('seeds') or [0]) > 1 else ''} "
         f"{', '.join(str(x) for x in results.get('seeds') or [results['seed']])}"
-        + (f", options {results['train_options']}" if results["train_options"] else "") + ".",
+        + (f", options {results['train_options']}" if results["train_options"] else "")
+        + (f"; PGD-AT / TRADES / MART train with PGD-{results['baseline_steps']} inner steps"
+           if results.get("baseline_steps") else "") + ".",
         f"- **Attacks:** {', '.join(_attack_title(a) for a in attacks)}, L∞ with random start. ε is in [0, 1] pixel "
         "scale: the paper's own budgets (≤ 0.003) and then 1/255, 2/255. *Strongest* = the lowest robust accuracy "
         "(highest risk) of the single attacks at each ε.",

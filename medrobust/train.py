@@ -39,6 +39,10 @@ TRAIN_EPS, FREE_TRAIN_EPS = 0.004, 0.008
 # changed, so reruns of earlier standard/PGD-AT/TRADES runs still resume.
 OTHER_DEFAULTS = {"ssat_loss": "ce", "teacher": "snapshot"}
 TEACHER_FOLDER = "teacher"  # OUT/teacher: the --teacher standard run (a normal run folder, the run's own)
+# The options the --teacher standard run takes from its SSAT run (every other option at its default).
+TEACHER_SHARED = ("data", "label_fraction", "epochs", "image_size", "seed", "arch", "width", "batch_size", "lr",
+                  "lr_schedule", "ema", "strategy", "augment", "class_weight", "sampling", "weights", "overwrite",
+                  "tensorboard", "progress")
 STRATEGIES = ("none", "mirrored", "multiworker")
 LR_SCHEDULES = ("cosine", "constant")
 ARCHS = ("auto", "small_cnn", "strided_cnn", "mobilenet_v3_small", "resnet18")  # medrobust.models.ARCHITECTURES
@@ -311,10 +315,7 @@ def teacher_options(o: dict) -> dict:
     """The train() options of --teacher standard's run: a standard model on the same data, labeled
     subset (data, seed, label fraction), image size, architecture, initial weights, augmentation, class
     weights, epochs and optimiser as the SSAT run, without detector, in OUT/teacher."""
-    same = ("data", "label_fraction", "epochs", "image_size", "seed", "arch", "width", "batch_size", "lr",
-            "lr_schedule", "ema", "strategy", "augment", "class_weight", "sampling", "weights", "overwrite",
-            "tensorboard", "progress")
-    return {**{k: o[k] for k in same}, "method": "standard", "detector": "false",
+    return {**{k: o[k] for k in TEACHER_SHARED}, "method": "standard", "detector": "false",
             "out": str(Path(o["out"]) / TEACHER_FOLDER)}
 
 

@@ -29,6 +29,15 @@ def test_compare_defenses_writes_one_table_and_resumes(tmp_path):
     data = json.loads((results / "results.json").read_text())
     assert [r["method"] for r in data["rows"]] == ["standard", "ssat + UAD"]
     assert data["attacks"] == ["pgd", "apgd"]  # the default: PGD-20 and APGD-CE-100
+    # The standard row is the default's own standard teacher: trained once, counted once.
+    standard, ssat_row = data["rows"]
+    assert Path(standard["run"]) == runs / "ssat_rst_frac0.1_ep1_seed0" / "teacher"
+    assert Path(ssat_row["teacher_path"]).parent == Path(standard["run"])
+    assert ssat_row["teacher_train_seconds"] == standard["train_seconds"]
+    assert not (runs / "standard_frac0.1_ep1_seed0").exists()
+    counted = sum(r["train_seconds"] for r in data["rows"]) + sum(
+        (r["detector_fit_seconds"] or 0) + r["evaluate_seconds"] for r in data["rows"])
+    assert data["compute_minutes"] == pytest.approx(counted / 60, abs=0.06)
     for attack in ("pgd", "apgd"):
         per = data["rows"][1]["attacks"][attack]
         assert set(per["robust_sensitivity"]["0.00784314"]) == {"CNV", "DME", "DRUSEN", "NORMAL"}
@@ -94,3 +103,11 @@ def test_seeds_give_mean_and_sample_sd_per_method_and_fraction():
     assert ssat["balanced_robust_accuracy"]["0.002"] == {"mean": 0.3, "sd": 0.1, "n": 3}
     assert "| ssat + UAD | 0.1 | 0.700 ± 0.100 | 0.600 ± 0.100 | 0.500 ± 0.100 | 0.300 ± 0.100 | 0.200 ± 0.100 | " \
            "0.950 ± 0.000 / 0.700 ± 0.100 | 12 ± 0 |" in text
+
+
+@pytest.mark.parametrize("args, expected", [(["--baseline-steps", "0"], "--baseline-steps must be >= 1, got 0")])
+def test_compare_defenses_refuses_a_bad_value_before_any_work(tmp_path, args, expected):
+    result = subprocess.run([sys.executable, str(EXAMPLE), *args, "--out", str(tmp_path / "r"),
+                             "--results", str(tmp_path / "t")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()
