@@ -15,7 +15,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "compare_defenses.p
 
 def _run(runs: Path, results: Path) -> subprocess.CompletedProcess:
     args = [sys.executable, str(EXAMPLE), "--epochs", "1", "--fractions", "0.1", "--methods", "standard,ssat",
-            "--eps", "0.002,2/255", "--limit", "60", "--train-option", "width=8", "--train-option", "detector_epochs=1",
+            "--eps", "0.002,2/255", "--limit", "60", "--train-option", "width=8",
             "--out", str(runs), "--results", str(results)]
     return subprocess.run(args, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

@@ -368,7 +368,13 @@ def test_cli_architectures_match_the_model_registry_and_auto_picks_by_size(tmp_p
     from medrobust.models.mobilenet import MIN_SIZE
 
     assert set(train_module.ARCHS) == {"auto", *ARCHITECTURES}
-    assert train_module.ARCH_MIN_SIZE == {"mobilenet_v3_small": MIN_SIZE}
+    assert set(train_module.ARCH_MIN_SIZE) == set(ARCHITECTURES)
+    assert train_module.ARCH_MIN_SIZE["mobilenet_v3_small"] == MIN_SIZE
+    from medrobust.models import build_classifier
+
+    for arch, smallest in train_module.ARCH_MIN_SIZE.items():  # the smallest size the CLI allows builds and runs
+        model = build_classifier(arch, image_size=smallest, width=8 if arch != "mobilenet_v3_small" else None)
+        assert model(np.zeros((1, smallest, smallest, 1), np.float32)).shape == (1, 4)
     seen = {}
     monkeypatch.setattr(train_module, "_train", lambda o, out_dir, *pool: seen.update({o["image_size"]: o["arch"]}) or {})
     for size in (28, train_module.STRIDED_FROM):  # standard: ssat would first train its teacher run
