@@ -70,6 +70,12 @@ def evaluate(run: str, data: str | None = None, split: str = "test", attacks=DEF
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise cli.UsageError(f"--{name} must be a positive integer, got {value!r}")
     config = read_run_config(run_dir)
+    if data is not None and split != "all":  # its splits are used as given, so they must be complete
+        from medrobust.data.folders import split_layout_problem
+
+        problem = split_layout_problem(Path(str(data)).expanduser())
+        if problem:
+            raise cli.UsageError(f"--data {problem}")
     if split == "all":
         if data is None:
             raise cli.UsageError("--split all evaluates a whole folder of other scans: pass it with --data PATH")

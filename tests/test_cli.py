@@ -180,3 +180,23 @@ def test_help_keeps_continuation_lines_with_colons():
     assert "operating point: the threshold on P(disease) = 1 - P(NORMAL) is chosen on the validation split" in text
     assert "free for trades: one signed step of --train-eps (auto: 0.008) along the clean loss's input gradient" in text
     assert "then the UAD detector." in text
+
+
+def test_a_data_folder_without_test_is_refused_by_train_and_evaluate_alike(tmp_path):
+    """Both commands name --data and the missing split, before any work (new-user findings of stop 34/35)."""
+    from PIL import Image
+
+    data = tmp_path / "scans"
+    for split in ("train", "val"):
+        (data / split / "CNV").mkdir(parents=True)
+        Image.new("L", (32, 32), 90).save(data / split / "CNV" / "CNV-1-1.jpeg")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"method": "standard", "data": "phantom", "image_size": 28}')
+    (run / "classifier.keras").write_bytes(b"checked after --data")  # never loaded: the refusal comes first
+    for module, args in (("medrobust.train", ["--data", str(data), "--out", str(tmp_path / "new")]),
+                         ("medrobust.evaluate", ["--run", str(run), "--data", str(data), "--out",
+                                                 str(tmp_path / "eval")])):
+        line = _one_error_line(run_cli(*args, module=module))
+        assert line.startswith(f"error: --data {data}: has train/, val/ but no test/"), line
+    assert not (tmp_path / "new").exists() and not (tmp_path / "eval").exists()
