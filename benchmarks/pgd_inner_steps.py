@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medrobust import cli  # noqa: E402  (after the path insert, so a checkout runs without installing)
 from medrobust.io import read_run_config  # noqa: E402
+from medrobust.train import TRAIN_EPS  # noqa: E402  (no TensorFlow import)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=512, help="training scans attacked (default 512)")
     parser.add_argument("--repeats", type=int, default=3, help="random starts per K (default 3)")
     parser.add_argument("--eps", type=float, default=None,
-                        help="budget in [0, 1] pixel scale (default: the run's train_eps, else 0.004)")
+                        help="budget in [0, 1] pixel scale (default: the run's train_eps, else the train CLI's)")
     parser.add_argument("--json", default=None, help="also write the results to this new .json file")
     args = parser.parse_args(argv)
     try:
@@ -52,13 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     if not (run / "classifier.keras").is_file():
         raise cli.UsageError(f"{run}: not a finished medrobust run (no classifier.keras)")
     cli.check_new_json(args.json)
-    eps = args.eps if args.eps is not None else float(config.get("train_eps") or 0.004)
+    eps = args.eps if args.eps is not None else float(config.get("train_eps") or TRAIN_EPS)
 
     cli.import_tensorflow()
     import tensorflow as tf
 
     from medrobust.data import load_data
     from medrobust.models import load_classifier
+    from medrobust.training.base import ce  # the trainers' own loss
     from medrobust.training.supervised import pgd_linf
 
     data = load_data(config.get("data_resolved") or config["data"], image_size=int(config["image_size"]),
@@ -67,9 +69,6 @@ def main(argv: list[str] | None = None) -> None:
     pick = np.random.default_rng(0).choice(len(y), min(args.images, len(y)), replace=False)
     x, y = tf.constant(x[pick]), tf.constant(np.asarray(y)[pick].astype(np.int32))
     model = load_classifier(run / "classifier.keras")
-
-    def ce(logits, target):
-        return tf.keras.losses.sparse_categorical_crossentropy(target, logits, from_logits=True)
 
     rows = []
     for k in steps:

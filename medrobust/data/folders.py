@@ -125,7 +125,7 @@ def split_layout_problem(root) -> str | None:
     A folder with train/ but no test/ (or test/ but no train/), each holding class folders, would otherwise
     be pooled and re-split by patient, silently replacing the splits its owner made: refused instead (one
     line naming the folder and what is missing). A lone val/ beside other groups (as in oct2017_subset/)
-    is pooled like any group, with a warning from `load_image_tree`."""
+    is pooled like any group, with a warning from `medrobust.data.load_data`."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         return None
